@@ -1,0 +1,8 @@
+"""Example LightningModules that implement the pipeline protocol (used by configs, tests and benchmarks)."""
+
+from lightning_parallel.models.base import PipelineClassifier
+from lightning_parallel.models.gpt import GPTLanguageModel
+from lightning_parallel.models.mlp import MLPClassifier
+from lightning_parallel.models.resnet import ResNetClassifier
+
+__all__ = ["GPTLanguageModel", "MLPClassifier", "PipelineClassifier", "ResNetClassifier"]

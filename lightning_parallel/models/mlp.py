@@ -1,0 +1,67 @@
+"""A multi-layer perceptron classifier: the smallest model that implements the pipeline protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+from lightning_parallel.models.base import OptimizerName, PipelineClassifier, SchedulerName
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class MLPClassifier(PipelineClassifier):
+    """MLP over flattened inputs; one block per hidden layer (Linear + activation), then the output Linear.
+
+    Args:
+        in_features: size of a flattened input (64 for 8x8 digits).
+        hidden: widths of the hidden layers; each is one pipeline block. Default ``(128, 128, 128)``.
+        num_classes: number of classes. Default 10.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        lr: learning rate. Default 1e-3.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        weight_decay: optimizer weight decay. Default 0.
+        momentum: SGD momentum. Default 0.9.
+        scheduler: ``"none"`` or ``"cosine"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: Sequence[int] = (128, 128, 128),
+        num_classes: int = 10,
+        *,
+        activation: Literal["relu", "tanh", "gelu"] = "relu",
+        lr: float = 1e-3,
+        optimizer: OptimizerName = "adam",
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "none",
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            lr=lr,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            scheduler=scheduler,
+        )
+        if in_features < 1:
+            raise ValueError(f"in_features={in_features} must be positive (64 for 8x8 digits).")
+        if any(width < 1 for width in hidden):
+            raise ValueError(f"hidden={list(hidden)} must list positive widths, e.g. [128, 128].")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}.")
+        self.save_hyperparameters()
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = [
+            nn.Sequential(nn.Linear(widths[i], widths[i + 1]), _ACTIVATIONS[activation]())
+            for i in range(len(hidden))
+        ]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        # The first block flattens, so images (B, 1, 8, 8) and vectors (B, 64) both work.
+        layers[0] = nn.Sequential(nn.Flatten(), *layers[0]) if hidden else nn.Sequential(nn.Flatten(), layers[0])
+        self.blocks = nn.Sequential(*layers)
+
