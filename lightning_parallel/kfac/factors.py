@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 
 def supported(module: nn.Module) -> bool:
@@ -43,9 +43,9 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x: The layer's input: ``(n, ..., in_features)`` for Linear, ``(n, C, H, W)`` for Conv2d.
 
     Returns:
-        A float32 tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column.
+        A float32 (or wider) tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column.
     """
-    x = x.detach().float()
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     if isinstance(module, nn.Conv2d):
         # supported() admits only integer padding, zeros padding mode and groups=1
         patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # type: ignore[arg-type]  # (n, C*kh*kw, L)
@@ -65,9 +65,9 @@ def output_grad_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
         grad: The gradient of the layer's output, shaped like the output.
 
     Returns:
-        A float32 tensor of shape ``(rows, out_dim)``.
+        A float32 (or wider) tensor of shape ``(rows, out_dim)``.
     """
-    grad = grad.detach().float()
+    grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
     if isinstance(module, nn.Conv2d):
         return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])  # (n*L, C_out)
     return grad.reshape(-1, grad.shape[-1])

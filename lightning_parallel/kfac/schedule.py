@@ -9,9 +9,10 @@ step 0). Steps count optimizer steps from 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from itertools import pairwise
+from typing import TypeAlias
 
-Schedule = Union[float, int, Sequence[Sequence[float]], Callable[[int], float]]
+Schedule: TypeAlias = float | int | Sequence[Sequence[float]] | Callable[[int], float]
 
 
 def check_schedule(name: str, value: Schedule) -> None:
@@ -36,7 +37,9 @@ def check_schedule(name: str, value: Schedule) -> None:
             " [first_step, value] pairs such as [[0, 0.01], [100, 0.001]]."
         )
     if len(value) == 0:
-        raise ValueError(f"`{name}=[]` is empty; pass at least one [first_step, value] pair such as [[0, 0.01]].")
+        raise ValueError(
+            f"`{name}=[]` is empty; pass at least one [first_step, value] pair such as [[0, 0.01]]."
+        )
     steps = []
     for pair in value:
         if not isinstance(pair, Sequence) or len(pair) != 2:
@@ -45,8 +48,10 @@ def check_schedule(name: str, value: Schedule) -> None:
             )
         steps.append(int(pair[0]))
     if steps[0] != 0:
-        raise ValueError(f"`{name}` starts at step {steps[0]}; the first [first_step, value] pair must start at 0.")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(
+            f"`{name}` starts at step {steps[0]}; the first [first_step, value] pair must start at 0."
+        )
+    if any(b <= a for a, b in pairwise(steps)):
         raise ValueError(f"`{name}` has steps {steps}; the first steps of the pairs must strictly increase.")
 
 

@@ -1,0 +1,72 @@
+"""The collectives K-FAC uses, with a per-rank count of the bytes they carry.
+
+``bytes_communicated`` counts the payload of each collective this rank takes part in (the bytes
+of the flat buffer handed to ``all_reduce`` or ``broadcast``), the same measure for both
+assignments. Tensors are packed into one flat buffer per collective so that a step costs one
+all-reduce (``replicated``) or one broadcast per owner rank (``dp``). With one process, or
+without an initialised process group, every call is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator:
+    """Packs tensors into flat buffers and runs collectives over a process group.
+
+    Args:
+        group: The process group; ``None`` for the default group.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.bytes_communicated = 0
+
+    def all_reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Sums tensors over the ranks with one all-reduce of a packed buffer.
+
+        Args:
+            tensors: Tensors of one dtype and device.
+
+        Returns:
+            The summed tensors, shaped like the inputs.
+        """
+        if self.world_size == 1 or not tensors:
+            return list(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.bytes_communicated += flat.numel() * flat.element_size()
+        dist.all_reduce(flat, group=self.group)
+        return self._unpack(flat, tensors)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> list[torch.Tensor]:
+        """Broadcasts tensors from ``src`` with one broadcast of a packed buffer.
+
+        Args:
+            tensors: The tensors; their values matter on ``src`` only, their shapes everywhere.
+            src: The sending rank within the group.
+
+        Returns:
+            ``src``'s tensors, shaped like the inputs.
+        """
+        if self.world_size == 1 or not tensors:
+            return list(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.bytes_communicated += flat.numel() * flat.element_size()
+        global_src = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast(flat, src=global_src, group=self.group)
+        return self._unpack(flat, tensors)
+
+    @staticmethod
+    def _unpack(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for t in like:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out

@@ -1,0 +1,230 @@
+"""The K-FAC state of one ``nn.Linear`` or ``nn.Conv2d`` layer.
+
+Design decisions:
+
+- Hook data is folded into unnormalised sums as it arrives (``a^T a`` in the forward hook,
+  ``g^T g`` in the output-gradient hook), so no activation is kept alive until the step.
+- Factors, their sums and decompositions are float32 (or the layer's dtype when wider), and are
+  computed with autocast off.
+- Damping is factored Tikhonov: ``(A + pi sqrt(lambda) I)^-1 kron (G + sqrt(lambda)/pi I)^-1``
+  with ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (``pi = 1`` when ``factored_damping`` is
+  off). The eigen method applies it in the eigenbases, which gives exactly the same matrix as the
+  inverse method, so both can be checked against one dense reference.
+- A decomposition that fails or is not finite keeps the layer's previous decomposition (the
+  gradient passes through unchanged if there is none); a batch factor that is not finite is not
+  folded into the running average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_parallel.kfac.factors import gram, input_rows, layer_dims, output_grad_rows
+
+Method = Literal["eigen", "inverse"]
+
+
+class KFACLayer:
+    """Factors, running averages and the decomposition of one layer.
+
+    Args:
+        name: The layer's qualified name in the model.
+        module: An ``nn.Linear`` or ``nn.Conv2d``.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.in_dim, self.out_dim = layer_dims(module)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        self.dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.reset_accumulators()
+        self.a_factor: torch.Tensor | None = None  # running A, (in_dim, in_dim)
+        self.g_factor: torch.Tensor | None = None  # running G, (out_dim, out_dim)
+        self.decomposition: dict[str, torch.Tensor] = {}  # eigen: qa, da, qg, dg; inverse: a_inv, g_inv
+        self.pi = 1.0  # factored-damping ratio at the last decomposition
+        self.rows_per_step = 0  # rows of the last recorded step, for the cost model
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the layer's weight."""
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.device
+
+    def has_grad(self) -> bool:
+        """Whether the layer's weight has a gradient."""
+        weight = self.module.weight
+        return isinstance(weight, torch.Tensor) and weight.grad is not None
+
+    # ------------------------------------------------------------------ hook data
+    def reset_accumulators(self) -> None:
+        """Forgets the hook data of the current step."""
+        self.a_sum: torch.Tensor | None = None
+        self.a_rows = 0
+        self.examples = 0
+        self.g_sum: torch.Tensor | None = None
+
+    def accumulate_input(self, x: torch.Tensor) -> None:
+        """Adds a forward call's input to the current step's ``A`` sum.
+
+        Args:
+            x: The layer's input tensor.
+        """
+        rows = input_rows(self.module, x.to(self.dtype))  # (rows, in_dim)
+        contribution = gram(rows)
+        self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
+        self.a_rows += rows.shape[0]
+        self.examples += x.shape[0]
+
+    def accumulate_grad(self, grad: torch.Tensor) -> None:
+        """Adds the gradient of a forward call's output to the current step's ``G`` sum.
+
+        Args:
+            grad: The gradient of the layer's output.
+        """
+        contribution = gram(output_grad_rows(self.module, grad.to(self.dtype)))
+        self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
+
+    def batch_factors(self, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The current step's ``A`` and ``G`` on the per-example Fisher scale.
+
+        Args:
+            grad_scale: The loss scale the recorded gradients carry (the AMP scaler's scale); it is
+                divided out so that it never reaches ``G``.
+
+        Returns:
+            ``(A, G)``, or ``None`` when the forward or the backward hook did not fire this step.
+        """
+        if self.a_sum is None or self.g_sum is None or self.a_rows == 0:
+            return None
+        self.rows_per_step = self.a_rows
+        a_new = self.a_sum / self.a_rows
+        g_new = self.g_sum * (self.examples / (grad_scale * grad_scale))
+        return a_new, g_new
+
+    # ------------------------------------------------------------------ factors
+    def update_factors(self, a_new: torch.Tensor, g_new: torch.Tensor, decay: float) -> None:
+        """Folds a step's factors into the running averages (the first ones are taken as they are).
+
+        Args:
+            a_new: The step's ``A``.
+            g_new: The step's ``G``.
+            decay: Weight of the old running average, in ``[0, 1)``.
+        """
+        if self.a_factor is None or self.g_factor is None:
+            self.a_factor, self.g_factor = a_new.clone(), g_new.clone()
+            return
+        self.a_factor.mul_(decay).add_(a_new, alpha=1.0 - decay)
+        self.g_factor.mul_(decay).add_(g_new, alpha=1.0 - decay)
+
+    def decompose(self, method: Method, damping: float, factored_damping: bool) -> None:
+        """Decomposes the running factors.
+
+        Args:
+            method: ``"eigen"`` (eigendecomposition, damping applied at preconditioning time) or
+                ``"inverse"`` (damped inverses at the damping of this call).
+            damping: The Tikhonov damping ``lambda`` (only used by ``"inverse"``).
+            factored_damping: Whether to split the damping between the factors by ``pi``.
+
+        Raises:
+            RuntimeError: If there are no factors, or the decomposition fails or is not finite; the
+                previous decomposition is kept.
+        """
+        if self.a_factor is None or self.g_factor is None:
+            raise RuntimeError(f"layer {self.name!r} has no factors to decompose")
+        a, g = self.a_factor, self.g_factor
+        pi = 1.0
+        if factored_damping:
+            ratio = (torch.trace(a).item() / self.in_dim) / max(torch.trace(g).item() / self.out_dim, 1e-30)
+            pi = math.sqrt(ratio) if math.isfinite(ratio) and ratio > 0 else 1.0
+        if method == "eigen":
+            da, qa = torch.linalg.eigh(a)
+            dg, qg = torch.linalg.eigh(g)
+            result = {"qa": qa, "da": da.clamp_min(0.0), "qg": qg, "dg": dg.clamp_min(0.0)}
+        else:
+            root = math.sqrt(damping)
+            eye_a = torch.eye(self.in_dim, dtype=a.dtype, device=a.device)
+            eye_g = torch.eye(self.out_dim, dtype=g.dtype, device=g.device)
+            result = {
+                "a_inv": torch.linalg.inv(a + pi * root * eye_a),
+                "g_inv": torch.linalg.inv(g + (root / pi) * eye_g),
+            }
+        if not all(bool(torch.isfinite(t).all()) for t in result.values()):
+            raise RuntimeError(f"the decomposition of layer {self.name!r} is not finite")
+        self.decomposition = result
+        self.pi = pi
+
+    def precondition(self, mat: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(A + pi r I)^-1 kron (G + r/pi I)^-1`` applied to ``vec(mat)``, ``r = sqrt(damping)``.
+
+        Args:
+            mat: The layer's ``(out_dim, in_dim)`` gradient matrix.
+            damping: The Tikhonov damping ``lambda`` (ignored by the inverse method, which fixed it
+                when it decomposed).
+
+        Returns:
+            The preconditioned matrix ``(G + r/pi I)^-1 mat (A + pi r I)^-1``, in ``mat``'s dtype;
+            ``mat`` itself when the layer has no decomposition.
+        """
+        d = self.decomposition
+        if not d:
+            return mat
+        m = mat.to(self.dtype)
+        if "qa" in d:
+            root = math.sqrt(damping)
+            v = d["qg"].t() @ m @ d["qa"]  # (out, in) in the eigenbases
+            v = v / ((d["dg"] + root / self.pi).unsqueeze(1) * (d["da"] + self.pi * root).unsqueeze(0))
+            out = d["qg"] @ v @ d["qa"].t()
+        else:
+            out = d["g_inv"] @ m @ d["a_inv"]
+        return out.to(mat.dtype)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def curvature_bytes(self) -> int:
+        """Bytes of curvature state this layer holds (running factors and decomposition)."""
+        tensors = [self.a_factor, self.g_factor, *self.decomposition.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def drop_state(self) -> None:
+        """Frees the layer's curvature state and hook data (the layer is owned by another rank)."""
+        self.reset_accumulators()
+        self.a_factor = self.g_factor = None
+        self.decomposition = {}
+        self.pi = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layer's running factors and decomposition (on CPU)."""
+        return {
+            "a_factor": None if self.a_factor is None else self.a_factor.cpu(),
+            "g_factor": None if self.g_factor is None else self.g_factor.cpu(),
+            "decomposition": {k: v.cpu() for k, v in self.decomposition.items()},
+            "pi": self.pi,
+            "rows_per_step": self.rows_per_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned.
+
+        Args:
+            state: The saved state.
+        """
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        device = weight.device
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=self.dtype)
+
+        self.a_factor = move(state["a_factor"])
+        self.g_factor = move(state["g_factor"])
+        self.decomposition = {
+            k: v.to(device=device, dtype=self.dtype) for k, v in state["decomposition"].items()
+        }
+        self.pi = float(state["pi"])
+        self.rows_per_step = int(state["rows_per_step"])

@@ -1,0 +1,109 @@
+"""K-FAC hyperparameters, validated once, resolved per optimizer step."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lightning_parallel.kfac.schedule import Schedule, check_schedule, resolve
+
+Assignment = Literal["dp", "replicated"]
+ASSIGNMENTS = ("dp", "replicated")
+METHODS = ("eigen", "inverse")
+
+
+@dataclass
+class KFACOptions:
+    """Hyperparameters of K-FAC; each numeric one may be a schedule (see ``schedule.py``).
+
+    Args:
+        damping: Tikhonov damping ``lambda`` (> 0); the factors get ``pi sqrt(lambda)`` and
+            ``sqrt(lambda) / pi``. Default 0.001.
+        factor_decay: Weight of the old running average of the factors, in ``[0, 1)``. Default 0.95.
+        kl_clip: KL-clip bound (> 0), or ``None`` to not clip. Default 0.001.
+        factor_update_steps: Optimizer steps between factor updates (integer >= 1). Default 1.
+        inv_update_steps: Optimizer steps between decompositions (integer >= 1). Default 10.
+        assignment: ``"dp"`` (each layer has one owner rank, which broadcasts the preconditioned
+            gradient) or ``"replicated"`` (factors all-reduced, every rank preconditions every layer).
+        method: ``"eigen"`` (eigendecomposition) or ``"inverse"`` (damped inverses).
+        factored_damping: Split the damping between the factors by ``pi`` (``pi = 1`` if off).
+        skip_layers: Regular expressions; a layer whose qualified name or class name matches one
+            (``re.search``) is left to the optimizer.
+    """
+
+    damping: Schedule = 0.001
+    factor_decay: Schedule = 0.95
+    kl_clip: Schedule | None = 0.001
+    factor_update_steps: Schedule = 1
+    inv_update_steps: Schedule = 10
+    assignment: Assignment = "dp"
+    method: Literal["eigen", "inverse"] = "eigen"
+    factored_damping: bool = True
+    skip_layers: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(
+                f"`assignment={self.assignment!r}` is unknown; use 'dp' (one owner per layer, broadcast of the"
+                " preconditioned gradient) or 'replicated' (factors all-reduced, every rank preconditions every layer)."
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"`method={self.method!r}` is unknown; use 'eigen' or 'inverse'.")
+        if isinstance(self.skip_layers, str):
+            self.skip_layers = (self.skip_layers,)
+        for pattern in self.skip_layers:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"`skip_layers` has the pattern {pattern!r}, not a regular expression: {err}."
+                ) from err
+        for name in ("damping", "factor_decay", "kl_clip", "factor_update_steps", "inv_update_steps"):
+            value = getattr(self, name)
+            if value is None and name == "kl_clip":
+                continue
+            check_schedule(name, value)
+            if not callable(value):
+                points = [value] if isinstance(value, (int, float)) else [pair[1] for pair in value]
+                for point in points:
+                    self._check_value(name, float(point))
+
+    @staticmethod
+    def _check_value(name: str, value: float) -> None:
+        if name in ("damping", "kl_clip") and not value > 0:
+            raise ValueError(
+                f"`{name}={value}` must be > 0 (for example 0.001); K-FAC needs positive {name}."
+            )
+        if name == "factor_decay" and not 0 <= value < 1:
+            raise ValueError(f"`factor_decay={value}` must be in [0, 1), for example 0.95.")
+        if name in ("factor_update_steps", "inv_update_steps") and (value < 1 or value != int(value)):
+            raise ValueError(f"`{name}={value}` must be an integer >= 1 (1 updates every optimizer step).")
+
+    def at(self, name: str, step: int) -> float:
+        """A hyperparameter's value at an optimizer step, checked.
+
+        Args:
+            name: The option's name, e.g. ``"damping"``.
+            step: The optimizer step, from 0.
+
+        Returns:
+            The value.
+        """
+        schedule: Schedule | Callable[[int], float] = getattr(self, name)
+        value = resolve(schedule, step)
+        self._check_value(name, value)
+        return value
+
+    def is_update_step(self, name: str, step: int) -> bool:
+        """Whether ``step`` is a multiple of the interval ``name`` (factor or inverse updates).
+
+        Args:
+            name: ``"factor_update_steps"`` or ``"inv_update_steps"``.
+            step: The optimizer step, from 0.
+
+        Returns:
+            ``True`` on update steps.
+        """
+        return step % int(self.at(name, step)) == 0
