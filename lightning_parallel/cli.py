@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override

@@ -71,7 +71,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.augment = augment
         self.split_seed = split_seed
         self.num_workers = num_workers
-        self.train_set: Dataset[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.train_set: Dataset[tuple[torch.Tensor, torch.Tensor]] | TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
         n_train = round(1797 * (1 - val_fraction - test_fraction))

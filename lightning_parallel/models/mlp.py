@@ -56,12 +56,11 @@ class MLPClassifier(PipelineClassifier):
             raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}.")
         self.save_hyperparameters()
         widths = [in_features, *hidden]
-        layers: list[nn.Module] = [
-            nn.Sequential(nn.Linear(widths[i], widths[i + 1]), _ACTIVATIONS[activation]())
-            for i in range(len(hidden))
+        layers: list[list[nn.Module]] = [
+            [nn.Linear(widths[i], widths[i + 1]), _ACTIVATIONS[activation]()] for i in range(len(hidden))
         ]
-        layers.append(nn.Linear(widths[-1], num_classes))
+        layers.append([nn.Linear(widths[-1], num_classes)])
         # The first block flattens, so images (B, 1, 8, 8) and vectors (B, 64) both work.
-        layers[0] = nn.Sequential(nn.Flatten(), *layers[0]) if hidden else nn.Sequential(nn.Flatten(), layers[0])
-        self.blocks = nn.Sequential(*layers)
+        layers[0].insert(0, nn.Flatten())
+        self.blocks = nn.Sequential(*(nn.Sequential(*layer) for layer in layers))
 

@@ -44,7 +44,7 @@ def _worker(
         )
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+    except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
