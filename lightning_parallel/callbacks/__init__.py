@@ -1,5 +1,6 @@
 """Callbacks: add them to ``Trainer(callbacks=[...])``."""
 
+from lightning_parallel.callbacks.dpkfac import DPKFAC
 from lightning_parallel.callbacks.summary import MetricsSummary
 
-__all__ = ["MetricsSummary"]
+__all__ = ["DPKFAC", "MetricsSummary"]

@@ -1,0 +1,190 @@
+"""DP-KFAC: K-FAC preconditioning as a Lightning callback, distributed one owner per layer.
+
+A thin adapter over :mod:`lightning_parallel.kfac` (pure torch).
+
+Design decisions:
+
+- Preconditioning runs in ``on_before_optimizer_step``: after backward and DDP's gradient
+  all-reduce (and after the AMP scaler's unscale), before gradient clipping and the optimizer
+  step, so clipping and any optimizer (SGD, Adam, ...) see the preconditioned gradient.
+- Under ``16-mixed`` the recorded output gradients carry the loss scale; the scaler's current
+  scale (the one used by this step's backward, since the scaler updates only after the step) is
+  divided out of ``G``.
+- The learning rate for KL-clip is read from the optimizer at every step (so LR schedulers are
+  honoured). One optimizer (automatic optimization) is assumed.
+- Multi-process runs under a strategy that is not DDP (a pipeline strategy, where each rank holds
+  only some layers) use ``assignment="replicated"``: a layer's factors are averaged over the
+  ranks whose hooks fired for it (its replicas) and each rank preconditions the layers it holds.
+  ``dp`` would let an owner that does not hold a layer overwrite its holders' gradients.
+- Checkpoints hold the step count, the owners and every layer's factors and decomposition;
+  under ``dp`` the owners' states are gathered when Lightning calls ``state_dict`` (on every
+  rank while saving), and each rank keeps its own layers when it loads. Resume is exact.
+- Per-rank counters (seconds building factors, decomposing, preconditioning, communicating;
+  bytes communicated; bytes of curvature state) are gathered every ``log_every_n_steps`` and
+  logged by rank 0 as ``kfac/<counter>/rank<r>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, Schedule
+
+
+class DPKFAC(Callback):
+    """Preconditions the gradients of every ``nn.Linear`` and ``nn.Conv2d`` with K-FAC.
+
+    Each numeric hyperparameter may be a constant, a callable ``step -> value`` or a list of
+    ``[first_step, value]`` pairs (piecewise constant over optimizer steps).
+
+    Args:
+        damping: Tikhonov damping ``lambda`` (> 0); the factors get ``pi sqrt(lambda)`` and
+            ``sqrt(lambda) / pi``. Default 0.001.
+        factor_decay: Weight of the old running average of the factors, in ``[0, 1)``. Default 0.95.
+        kl_clip: KL-clip bound (> 0) on ``lr^2 <preconditioned, gradient>``, or ``None`` for no
+            clipping. Default 0.001.
+        factor_update_steps: Optimizer steps between factor updates (>= 1). Default 1.
+        inv_update_steps: Optimizer steps between decompositions (>= 1). Default 10.
+        assignment: ``"dp"`` (DP-KFAC: one owner rank per layer builds, decomposes and
+            preconditions, then broadcasts the preconditioned gradient) or ``"replicated"``
+            (D-KFAC: factors all-reduced, every rank preconditions every layer). Default ``"dp"``.
+        method: ``"eigen"`` or ``"inverse"``. Default ``"eigen"``.
+        factored_damping: Split the damping between the factors by
+            ``pi = sqrt((tr A / dim A) / (tr G / dim G))``. Default ``True``.
+        skip_layers: Regular expressions; layers whose qualified name or class name matches one
+            are left to the optimizer. Default none.
+        log_every_n_steps: Steps between logging the per-rank counters; ``None`` uses the
+            Trainer's ``log_every_n_steps``; 0 turns logging off.
+
+    Raises:
+        ValueError: On non-positive damping or KL-clip, update intervals below 1, an unknown
+            assignment or method, a bad schedule, or (at setup) a model with no supported layer.
+    """
+
+    def __init__(
+        self,
+        damping: Schedule = 0.001,
+        *,
+        factor_decay: Schedule = 0.95,
+        kl_clip: Schedule | None = 0.001,
+        factor_update_steps: Schedule = 1,
+        inv_update_steps: Schedule = 10,
+        assignment: Literal["dp", "replicated"] = "dp",
+        method: Literal["eigen", "inverse"] = "eigen",
+        factored_damping: bool = True,
+        skip_layers: Sequence[str] = (),
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        self.options = KFACOptions(
+            damping=damping,
+            factor_decay=factor_decay,
+            kl_clip=kl_clip,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+            assignment=assignment,
+            method=method,
+            factored_damping=factored_damping,
+            skip_layers=tuple(skip_layers),
+        )
+        if log_every_n_steps is not None and log_every_n_steps < 0:
+            raise ValueError(
+                f"`log_every_n_steps={log_every_n_steps}` must be >= 0 (0 turns logging off) or None."
+            )
+        self.log_every_n_steps = log_every_n_steps
+        self.preconditioner: KFACPreconditioner | None = None
+        self.logged: dict[str, float] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if (
+            trainer.world_size > 1
+            and not isinstance(trainer.strategy, DDPStrategy)
+            and self.options.assignment == "dp"
+        ):
+            rank_zero_warn(
+                f"DPKFAC: `assignment='dp'` needs every rank to hold the whole model, which"
+                f" {type(trainer.strategy).__name__} does not guarantee; using assignment='replicated'."
+            )
+            self.options.assignment = "replicated"
+        previous = self.preconditioner
+        self.preconditioner = KFACPreconditioner(pl_module, self.options)
+        if self._pending_state is not None:  # restored from a checkpoint before setup
+            self.preconditioner.load_state_dict(self._pending_state)
+            self._pending_state = None
+        elif previous is not None:  # a second fit with the same callback continues its curvature
+            self.preconditioner.load_state_dict(previous.state_dict())
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.preconditioner is not None:
+            self.preconditioner.remove_hooks()  # the state stays for state_dict() after fit
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.preconditioner is None:
+            return
+        self.preconditioner.step(optimizer, grad_scale=_loss_scale(trainer))
+        every = (
+            getattr(trainer, "log_every_n_steps", 50)
+            if self.log_every_n_steps is None
+            else self.log_every_n_steps
+        )
+        if every and trainer.global_step % every == 0:
+            self._log(trainer)
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        assert self.preconditioner is not None
+        metrics = self.preconditioner.metrics()
+        names = sorted(metrics)
+        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
+        world_size = self.preconditioner.comm.world_size
+        if world_size > 1:  # a small all-gather for monitoring, not counted as K-FAC traffic
+            gathered = [torch.zeros_like(values) for _ in range(world_size)]
+            dist.all_gather(gathered, values, group=self.preconditioner.comm.group)
+        else:
+            gathered = [values]
+        self.logged = {
+            f"kfac/{name}/rank{rank}": float(row[i])
+            for rank, row in enumerate(gathered)
+            for i, name in enumerate(names)
+        }
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.logged, step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.preconditioner is None:
+            return dict(self._pending_state or {})
+        return self.preconditioner.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.preconditioner is None:
+            self._pending_state = state_dict
+        else:
+            self.preconditioner.load_state_dict(state_dict)
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """The AMP scaler's scale used by this step's backward, or 1 without a scaler."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
