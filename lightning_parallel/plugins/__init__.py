@@ -1,0 +1,1 @@
+from lightning_parallel.plugins.quantization import QuantizationPrecision as QuantizationPrecision
