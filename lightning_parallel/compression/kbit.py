@@ -1,0 +1,201 @@
+"""k-bit per-group quantization with stochastic rounding (ActNN-style).
+
+Design decisions:
+
+- The flattened tensor is cut into groups of ``group_size`` elements (default 256); each group
+  keeps its minimum and scale in float32 (64 bits per group, 0.25 bit per element at 256) and
+  every element a k-bit code, k in {1, 2, 4, 8}.
+- Stochastic rounding (``floor(t + u)``, ``u ~ U[0, 1)``) makes the decoded value an unbiased
+  estimate of the input, so the weight-gradient error averages out over a batch. The noise
+  comes from the codec's own ``torch.Generator`` per device, seeded once, so compression never
+  consumes the global RNG and dropout masks stay those of uncompressed training.
+- With ``zero_mask`` (default), exact zeros of a tensor that is at least a quarter zeros are
+  kept in a 1-bit mask and only the non-zeros are quantized: ReLU's backward mask stays exact (measured on a ResNet: about the same ratio as
+  plain 2-bit, gradient cosine 0.92-0.95 instead of 0.65-0.75).
+- NaN and +-inf are stored exactly beside the codes (index, value) and excluded from the group
+  statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
+from lightning_parallel.compression.codec import Codec, tensor_nbytes
+from lightning_parallel.compression.masks import PackedMask, pack_mask, unpack_mask
+
+__all__ = ["KBitCodec", "KBitEncoded"]
+
+ALLOWED_BITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class KBitEncoded:
+    """A tensor compressed by :class:`KBitCodec`.
+
+    Args:
+        shape: original shape.
+        dtype: original dtype.
+        bits: bits per code.
+        group_size: elements per group.
+        count: number of quantized elements.
+        codes: packed codes.
+        minimum: per-group minimum (float32).
+        scale: per-group bin width (float32).
+        nonzero: 1-bit mask of the quantized elements, or ``None`` when all are quantized.
+        exc_index: flat indices of non-finite elements stored exactly, or ``None``.
+        exc_value: their values, or ``None``.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+    count: int
+    codes: Tensor
+    minimum: Tensor
+    scale: Tensor
+    nonzero: PackedMask | None
+    exc_index: Tensor | None
+    exc_value: Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the encoded tensor."""
+        mask = self.nonzero.nbytes if self.nonzero is not None else 0
+        return (
+            tensor_nbytes(self.codes)
+            + tensor_nbytes(self.minimum)
+            + tensor_nbytes(self.scale)
+            + mask
+            + tensor_nbytes(self.exc_index)
+            + tensor_nbytes(self.exc_value)
+        )
+
+
+class KBitCodec(Codec):
+    """Per-group k-bit quantization.
+
+    Args:
+        bits: bits per element, one of 1, 2, 4, 8. Default 2.
+        group_size: elements per group sharing a minimum and a scale (> 0). Default 256.
+        stochastic: stochastic rounding (unbiased) instead of round-to-nearest. Default ``True``.
+        zero_mask: keep exact zeros in a 1-bit mask and quantize only the non-zeros, for tensors
+            that are at least a quarter zeros (ReLU outputs). Default ``True``.
+        seed: seed of the codec's own random generators. Default 0.
+    """
+
+    name = "kbit"
+
+    def __init__(
+        self,
+        bits: int = 2,
+        *,
+        group_size: int = 256,
+        stochastic: bool = True,
+        zero_mask: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if bits not in ALLOWED_BITS:
+            raise ValueError(f"`bits` must be one of {ALLOWED_BITS}, got bits={bits!r}.")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"`group_size` must be a positive integer, got group_size={group_size!r}.")
+        self.bits = bits
+        self.group_size = group_size
+        self.stochastic = stochastic
+        self.zero_mask = zero_mask
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return gen
+
+    def encode(self, x: Tensor, *, error_bound: float | None = None) -> KBitEncoded:
+        """Quantizes ``x`` to ``bits`` bits per element (``error_bound`` is ignored).
+
+        Args:
+            x: a floating-point tensor.
+            error_bound: unused; k-bit quantization has no absolute bound.
+        """
+        flat = x.detach().reshape(-1)
+        exc_index = exc_value = None
+        finite = torch.isfinite(flat)
+        if not bool(finite.all()):
+            exc_index = (~finite).nonzero().view(-1)
+            exc_value = flat[exc_index].clone()
+            exc_index = exc_index.to(torch.int32) if flat.numel() < 2**31 else exc_index
+            flat = torch.where(finite, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        nonzero: PackedMask | None = None
+        vals = flat
+        if self.zero_mask:
+            keep = flat != 0
+            if (flat.numel() - int(keep.sum())) * 4 >= flat.numel():
+                nonzero = pack_mask(keep)
+                vals = flat[keep]
+        count = vals.numel()
+        g = self.group_size
+        groups = (count + g - 1) // g
+        v = vals.to(torch.float32)
+        pad = groups * g - count
+        if pad:
+            # repeat the last value so that padding does not widen the last group's range
+            v = torch.cat([v, v[-1:].expand(pad)])
+        v = v.view(groups, g)
+        lo, hi = torch.aminmax(v, dim=1, keepdim=True)
+        levels = (1 << self.bits) - 1
+        scale = (hi - lo) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        t = (v - lo) / scale
+        if self.stochastic:
+            t = torch.floor(t.add_(torch.rand(t.shape, generator=self._generator(t.device), device=t.device)))
+        else:
+            t = torch.round(t)
+        codes = pack_bits(t.clamp_(0, levels).to(torch.uint8).view(-1)[:count], self.bits)
+        return KBitEncoded(
+            x.shape,
+            x.dtype,
+            self.bits,
+            g,
+            count,
+            codes,
+            lo.view(-1),
+            scale.view(-1),
+            nonzero,
+            exc_index,
+            exc_value,
+        )
+
+    def decode(self, encoded: KBitEncoded) -> Tensor:
+        """Restores the tensor from its codes and group statistics.
+
+        Args:
+            encoded: the result of :meth:`encode`.
+        """
+        count = encoded.count
+        groups = encoded.minimum.numel()
+        g = encoded.group_size
+        codes = unpack_bits(encoded.codes, encoded.bits, count).to(torch.float32)
+        pad = groups * g - count
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        vals = (codes.view(groups, g) * encoded.scale.view(-1, 1) + encoded.minimum.view(-1, 1)).view(-1)[
+            :count
+        ]
+        vals = vals.to(encoded.dtype)
+        if encoded.nonzero is not None:
+            keep = unpack_mask(encoded.nonzero)
+            out = torch.zeros(keep.shape, dtype=encoded.dtype, device=vals.device)
+            out.masked_scatter_(keep, vals)
+        else:
+            out = vals
+        if encoded.exc_index is not None and encoded.exc_value is not None:
+            out[encoded.exc_index.long()] = encoded.exc_value
+        return out.view(encoded.shape)

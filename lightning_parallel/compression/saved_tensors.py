@@ -1,0 +1,231 @@
+"""Saved-tensor hooks that compress what autograd keeps for backward.
+
+Design decisions:
+
+- ``torch.autograd.graph.saved_tensors_hooks``: pack compresses, unpack decompresses. Unpack may
+  run several times for one saved tensor, so it never frees or mutates the packed data; autograd
+  drops the packed object when it no longer needs it, which is what frees the memory.
+- Parameters, buffers and their views or dtype casts (autocast's bf16 copy of a weight) are
+  never compressed: a tensor is skipped when it is an ``nn.Parameter``, when its storage is the
+  storage of a parameter or buffer of a registered module (compared by ``data_ptr``), or when
+  its autograd history is a short chain of casts and views ending at a parameter.
+- A storage saved several times (a ReLU output saved by the ReLU and again as the next layer's
+  input, or the 2-D view of a 3-D input that ``linear`` saves) is compressed once and shared.
+  A dense tensor (any permutation of a contiguous block) is keyed by its block of storage and
+  restored with ``as_strided``, so transposed and reshaped views of one block share an entry.
+  Keys hold a weak reference to the storage (``StorageWeakRef``), which keeps the storage's
+  identity from being reused while the key lives, so a freed and reallocated buffer can never
+  be mistaken for a saved one. The table is cleared when the context exits.
+- Tiny tensors (fewer than ``min_numel`` elements) and non-float tensors stay as they are,
+  except boolean and 0/1 integer tensors, stored as 1 bit per element.
+- Accounting covers every unique activation storage held (compressed or not, parameters
+  excluded): raw and packed bytes per step, and the peak of the bytes alive at once.
+- Hooks do not fire under ``no_grad``/``inference_mode``, so evaluation is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from lightning_parallel.compression.codec import Codec, tensor_nbytes
+from lightning_parallel.compression.masks import is_binary, pack_mask, unpack_mask
+from lightning_parallel.compression.passthrough import PassthroughEncoded
+from lightning_parallel.compression.stats import CompressionStats
+
+__all__ = ["ErrorBoundPolicy", "SavedTensorCompressor"]
+
+_CAST_CHAIN_DEPTH = 4
+
+
+class ErrorBoundPolicy(Protocol):
+    """Chooses the error bound of each saved tensor (the adaptive controller implements it)."""
+
+    def bound(self, slot: int, x: Tensor) -> float | None:
+        """Absolute error bound for the ``slot``-th compressed storage of a forward, or ``None``."""
+        ...
+
+    def observe(self, slot: int) -> None:
+        """Called on every save of the ``slot``-th storage (first save and shared saves)."""
+        ...
+
+
+class _Entry:
+    """One packed storage, shared by every save of it; releases its bytes from the stats when freed."""
+
+    __slots__ = ("decode", "encoded", "packed", "raw", "stats")
+
+    def __init__(
+        self, encoded: Any, decode: Callable[[Any], Tensor], raw: int, stats: CompressionStats
+    ) -> None:
+        self.encoded = encoded
+        self.decode = decode
+        self.raw = raw
+        self.packed = int(encoded.nbytes)
+        self.stats = stats
+
+    def __del__(self) -> None:
+        self.stats.release(self.raw, self.packed)
+
+
+class _Saved:
+    """What autograd holds: an entry, and how to view the restored block as the saved tensor."""
+
+    __slots__ = ("entry", "size", "stride")
+
+    def __init__(self, entry: _Entry, size: torch.Size | None, stride: tuple[int, ...] | None) -> None:
+        self.entry = entry
+        self.size = size
+        self.stride = stride
+
+    def restore(self) -> Tensor:
+        base = self.entry.decode(self.entry.encoded)
+        if self.size is None or self.stride is None:
+            return base
+        # a decoded block starts at offset 0; a kept block is the saved view, starting at the block
+        return base.as_strided(self.size, self.stride, base.storage_offset())
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a contiguous block of its storage exactly once (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _passthrough_decode(encoded: PassthroughEncoded) -> Tensor:
+    return encoded.tensor
+
+
+class SavedTensorCompressor:
+    """A context manager compressing the tensors autograd saves inside it.
+
+    Args:
+        codec: the codec for floating-point activations.
+        min_numel: tensors with fewer elements stay uncompressed. Default 1024.
+        compress_masks: store boolean and 0/1 integer tensors in 1 bit per element. Default ``True``.
+        policy: chooses a per-tensor error bound (adaptive control), or ``None`` for the codec's own.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        *,
+        min_numel: int = 1024,
+        compress_masks: bool = True,
+        policy: ErrorBoundPolicy | None = None,
+    ) -> None:
+        if min_numel < 0:
+            raise ValueError(f"`min_numel` must be >= 0, got min_numel={min_numel!r}.")
+        self.codec = codec
+        self.min_numel = min_numel
+        self.compress_masks = compress_masks
+        self.policy = policy
+        self.stats = CompressionStats()
+        self._modules: list[nn.Module] = []
+        self._excluded: set[int] = set()
+        self._cache: dict[tuple[Any, ...], tuple[StorageWeakRef, _Entry, int]] = {}
+        self._slot = 0
+        self._hooks: Any = None
+
+    def exclude(self, module: nn.Module) -> None:
+        """Never compress the parameters and buffers of ``module`` (refreshed on every enter).
+
+        Args:
+            module: the model whose parameters and buffers are not activations.
+        """
+        if all(m is not module for m in self._modules):
+            self._modules.append(module)
+
+    def __enter__(self) -> SavedTensorCompressor:
+        if self._hooks is not None:
+            raise RuntimeError("SavedTensorCompressor is not re-entrant: exit it before entering it again.")
+        self._excluded = {
+            t.untyped_storage().data_ptr()
+            for m in self._modules
+            for t in (*m.parameters(), *m.buffers())
+            if t.numel() > 0
+        }
+        self._cache.clear()
+        self._slot = 0
+        self.stats.reset_step()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        hooks, self._hooks = self._hooks, None
+        self._cache.clear()
+        hooks.__exit__(*exc)
+
+    def _is_parameter_like(self, t: Tensor) -> bool:
+        if isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in self._excluded:
+            return True
+        fn = t.grad_fn
+        for _ in range(_CAST_CHAIN_DEPTH):
+            if fn is None or len(fn.next_functions) != 1:
+                return False
+            fn = fn.next_functions[0][0]
+            var = getattr(fn, "variable", None)
+            if var is not None:
+                return isinstance(var, nn.Parameter) or var.untyped_storage().data_ptr() in self._excluded
+        return False
+
+    def _pack(self, t: Tensor) -> Any:
+        if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type == "meta":
+            return t.detach()
+        if self._is_parameter_like(t):
+            return t.detach()
+        ref = StorageWeakRef(t.untyped_storage())
+        dense = _is_dense(t)
+        if dense:
+            key: tuple[Any, ...] = (ref.cdata, t.dtype, t._version, t.storage_offset(), t.numel())
+        else:
+            key = (ref.cdata, t.dtype, t._version, t.storage_offset(), t.shape, t.stride())
+        size: torch.Size | None = t.shape if dense else None
+        stride: tuple[int, ...] | None = t.stride() if dense else None
+        hit = self._cache.get(key)
+        if hit is not None:
+            if self.policy is not None and hit[2] >= 0:
+                self.policy.observe(hit[2])
+            return _Saved(hit[1], size, stride)
+        large = t.numel() >= self.min_numel
+        floating = t.is_floating_point()
+        binary = large and self.compress_masks and not floating and not t.is_complex() and is_binary(t)
+        if not (large and floating) and not binary:
+            # kept as is: no copy, the saved view itself
+            entry = _Entry(PassthroughEncoded(t.detach()), _passthrough_decode, tensor_nbytes(t), self.stats)
+            self.stats.add(entry.raw, entry.packed, False)
+            self._cache[key] = (ref, entry, -1)
+            return _Saved(entry, None, None)
+        if dense:
+            base = t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
+        else:
+            base = t.detach().contiguous()
+        slot = -1
+        if floating:
+            slot = self._slot
+            self._slot += 1
+            bound = None
+            if self.policy is not None:
+                self.policy.observe(slot)
+                bound = self.policy.bound(slot, base)
+            encoded: Any = self.codec.encode(base, error_bound=bound)
+            decode: Callable[[Any], Tensor] = self.codec.decode
+        else:
+            encoded, decode = pack_mask(base), unpack_mask
+        entry = _Entry(encoded, decode, tensor_nbytes(base), self.stats)
+        self.stats.add(entry.raw, entry.packed, True)
+        self._cache[key] = (ref, entry, slot)
+        return _Saved(entry, size, stride)
+
+    @staticmethod
+    def _unpack(obj: Any) -> Tensor:
+        return obj.restore() if isinstance(obj, _Saved) else obj
