@@ -6,6 +6,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_parallel.strategies.chimera import ChimeraStrategy
+
 
 def _register(name: str, strategy: type, description: str, **init_params: Any) -> None:
     """Register ``name`` once (re-importing the package must not fail on a name taken by us before)."""
@@ -13,4 +15,8 @@ def _register(name: str, strategy: type, description: str, **init_params: Any) -
         StrategyRegistry.register(name, strategy, description=description, **init_params)
 
 
-__all__: list[str] = []
+_register("chimera", ChimeraStrategy, "Chimera bidirectional pipeline over all processes", schedule="chimera")
+_register("pipeline_1f1b", ChimeraStrategy, "1F1B pipeline over all processes", schedule="1f1b")
+_register("pipeline_gpipe", ChimeraStrategy, "GPipe pipeline over all processes", schedule="gpipe")
+
+__all__: list[str] = ["ChimeraStrategy"]

@@ -1,0 +1,295 @@
+"""The per-rank state of a pipeline strategy: held stages, their optimizer slice, steps and reductions.
+
+Kept apart from :mod:`lightning_parallel.strategies.chimera` so that the strategy file stays a thin
+Lightning adapter. Every collective here runs on every rank in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_parallel.pipeline.partition import stage_slices
+from lightning_parallel.pipeline.protocol import batch_size, split_batch
+from lightning_parallel.pipeline.runtime import PipelineGroups, PipelineRuntime
+from lightning_parallel.pipeline.schedule import Schedule
+from lightning_parallel.strategies._pipeline_checkpoint import HeldParameter, module_tensors
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_parallel.strategies.chimera import ChimeraStrategy
+
+
+class PipelineSteps:
+    """This rank's stages of one pipeline and the training/evaluation steps over them.
+
+    Args:
+        strategy: the owning strategy (for its shape, device and trainer).
+        module: the LightningModule that implements the pipeline protocol.
+    """
+
+    def __init__(self, strategy: ChimeraStrategy, module: pl.LightningModule) -> None:
+        self.strategy = strategy
+        self.module = module
+        self.blocks: list[nn.Module] = list(module.pipeline_blocks())  # type: ignore[operator]
+        self.schedule: Schedule | None = None
+        self.groups: PipelineGroups | None = None
+        self.runtime: PipelineRuntime | None = None
+        self.sizes: list[int] | None = None
+        self.stage_modules: dict[tuple[int, int], nn.Module] = {}
+        self.copies: list[tuple[nn.Module, nn.Module]] = []
+        self.params: list[Tensor] = []
+        self.owner_params: list[Tensor] = []
+        self.held: list[list[HeldParameter]] = []
+        self.full_groups: list[list[list[int]]] = []
+        self.localised = False
+        self._fresh_grads: list[Tensor | None] | None = None
+        self._records: list[tuple[int, dict[str, Tensor]]] | None = None
+        self._metric_names: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ building
+    def build(self, schedule: Schedule, groups: PipelineGroups, sizes: Sequence[int]) -> None:
+        """Place this rank's stages (a ``deepcopy`` for Chimera's second pipeline) and start the runtime."""
+        self.schedule, self.groups, self.sizes = schedule, groups, list(sizes)
+        slices = stage_slices(self.sizes)
+        self._check_blocks(slices)
+        for replica, stage in sorted(schedule.stages_of(groups.pipeline_rank)):
+            original = nn.Sequential(*self.blocks[slices[stage]])
+            if replica == 0:
+                self.stage_modules[(replica, stage)] = original
+            else:
+                duplicate = copy.deepcopy(original)
+                self.stage_modules[(replica, stage)] = duplicate
+                self.copies.append((original, duplicate))
+        for (replica, _), stage_module in sorted(self.stage_modules.items()):
+            for param in stage_module.parameters():
+                self.params.append(param)
+                if replica == 0:
+                    self.owner_params.append(param)
+        self.runtime = PipelineRuntime(
+            schedule,
+            groups,
+            self.stage_modules,
+            self.module.pipeline_input,  # type: ignore[arg-type]
+            self._loss,
+            timeout_s=self.strategy.timeout_s,
+            device=self.strategy.root_device,
+        )
+
+    def _check_blocks(self, slices: Sequence[slice]) -> None:
+        stage_of: dict[int, int] = {}
+        names = {id(p): name for name, p in self.module.named_parameters(remove_duplicate=False)}
+        for stage, block_slice in enumerate(slices):
+            for block in self.blocks[block_slice]:
+                for param in block.parameters():
+                    other = stage_of.setdefault(id(param), stage)
+                    if other != stage:
+                        raise ValueError(
+                            f"Parameter {names.get(id(param), '?')} is shared by stages {other} and {stage} of "
+                            f"partition={self.sizes}; tied weights must sit in one stage: choose a partition "
+                            "that keeps the blocks sharing it together, or untie them."
+                        )
+        block_params = {id(p) for block in self.blocks for p in block.parameters()}
+        outside = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in block_params]
+        if outside:
+            rank_zero_warn(
+                f"{type(self.module).__name__} has parameters outside pipeline_blocks() ({', '.join(outside[:3])}"
+                f"{', ...' if len(outside) > 3 else ''}); pipeline strategies do not train them."
+            )
+        if self.strategy.num_micro_batches > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for block in self.blocks for m in block.modules()
+        ):
+            rank_zero_warn(
+                "BatchNorm inside pipeline stages normalises each micro-batch on its own (statistics over "
+                f"batch/{self.strategy.num_micro_batches} examples), so results differ from full-batch training; "
+                "use GroupNorm/LayerNorm, or micro_batches=1, for exact equivalence."
+            )
+
+    def localise_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        """Cut every optimizer down to this rank's parameters, keeping each param group's settings."""
+        local_of: dict[int, list[Tensor]] = {}
+        for original, duplicate in self.copies:
+            for p, q in zip(original.parameters(), duplicate.parameters()):
+                local_of.setdefault(id(p), []).append(q)
+        for (replica, _), stage_module in self.stage_modules.items():
+            if replica == 0:
+                for p in stage_module.parameters():
+                    local_of.setdefault(id(p), []).append(p)
+        self.held, self.full_groups = [], []
+        for optimizer in optimizers:
+            held: list[HeldParameter] = []
+            groups: list[list[int]] = []
+            counter = 0
+            for group in optimizer.param_groups:
+                originals = list(group["params"])
+                indices = list(range(counter, counter + len(originals)))
+                counter += len(originals)
+                local: list[Tensor] = []
+                for original, full_index in zip(originals, indices):
+                    for held_param in local_of.get(id(original), []):
+                        local.append(held_param)
+                        held.append(HeldParameter(held_param, full_index, owner=held_param is original))
+                group["params"] = local
+                groups.append(indices)
+            self.held.append(held)
+            self.full_groups.append(groups)
+        self.localised = True
+
+    def refresh_copies(self) -> None:
+        """Copy the module's (freshly loaded) blocks into Chimera's second-pipeline copies."""
+        with torch.no_grad():
+            for original, duplicate in self.copies:
+                for source, target in zip(module_tensors([original]), module_tensors([duplicate])):
+                    target.copy_(source)
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, output: Tensor, micro_batch: Any) -> Tensor:
+        loss: Tensor = self.module.pipeline_loss(output, micro_batch)  # type: ignore[operator]
+        metrics_fn = getattr(self.module, "pipeline_metrics", None)
+        if self._records is not None and callable(metrics_fn):
+            with torch.no_grad():
+                metrics = metrics_fn(output.detach(), micro_batch)
+            values = {k: v.detach().float() for k, v in metrics.items() if k != "loss"}
+            self._records.append((batch_size(micro_batch), values))
+        return loss
+
+    def _sync_modes(self) -> None:
+        for _, duplicate in self.copies:
+            duplicate.train(self.module.training)
+
+    def train(self, batch: Any) -> Tensor:
+        """Run one step of the schedule; keep its gradients for :meth:`install_gradients`; log the loss."""
+        if self.runtime is None:
+            raise RuntimeError("The pipeline is not built.")
+        self._sync_modes()
+        micro_batches = split_batch(batch, self.strategy.num_micro_batches)
+        saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        self._records = []
+        try:
+            local_loss = self.runtime.train_step(micro_batches)
+        finally:
+            records, self._records = self._records, None
+            self._fresh_grads = [p.grad for p in self.params]
+            for p, grad in zip(self.params, saved):
+                p.grad = grad
+        dp = self.strategy.data_parallel_size
+        n = self.strategy.num_micro_batches
+        names = self._names("train", records)
+        # [loss, metric sums..., examples] summed over every rank: one all-reduce per step.
+        vector = torch.zeros(len(names) + 2, dtype=torch.float64)
+        vector[0] = float(local_loss.detach()) / dp
+        for _, values in records:
+            for i, name in enumerate(names):
+                vector[1 + i] += float(values[name]) / (n * dp)
+        dist.all_reduce(vector)
+        loss = torch.tensor(float(vector[0]), device=self.strategy.root_device)
+        size = batch_size(batch) * dp
+        self.module.log("train_loss", loss, prog_bar=True, batch_size=size)
+        for i, name in enumerate(names):
+            self.module.log(f"train_{name}", float(vector[1 + i]), prog_bar=True, batch_size=size)
+        return loss
+
+    def install_gradients(self) -> None:
+        """Add the step's gradients (averaged over pipeline replicas, scaled for accumulation) to ``.grad``."""
+        fresh = self._fresh_grads
+        self._fresh_grads = None
+        if fresh is None:
+            return
+        trainer = self.module.trainer
+        scale = 1.0 / max(1, int(trainer.accumulate_grad_batches))
+        dp = self.strategy.data_parallel_size
+        if dp > 1 and self.groups is not None:
+            dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(self.params, fresh)]
+            flat = torch.cat([g.reshape(-1) for g in dense]) if dense else torch.zeros(0)
+            dist.all_reduce(flat, group=self.groups.data_parallel_group)  # one all-reduce per step
+            scale /= dp
+            offset = 0
+            reduced: list[Tensor | None] = []
+            for g in dense:
+                reduced.append(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            fresh = reduced
+        for p, grad in zip(self.params, fresh):
+            if grad is None:
+                continue
+            grad = grad * scale if scale != 1.0 else grad
+            p.grad = grad if p.grad is None else p.grad + grad
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        """Scale this rank's gradients so that the norm over all stages (each counted once) is <= max_norm."""
+        if self.groups is None:
+            return
+        squares = torch.zeros((), dtype=torch.float64)
+        for p in self.owner_params:
+            if p.grad is not None:
+                squares += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(squares, group=self.groups.pipeline_group)
+        coefficient = max_norm / (float(squares.sqrt()) + 1e-6)
+        if coefficient < 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coefficient)
+
+    def evaluate(self, batch: Any, split: str) -> Tensor:
+        """Forward-only pipeline over ``batch``; log ``<split>_<metric>`` on every rank; return the loss."""
+        if self.runtime is None:
+            raise RuntimeError("The pipeline is not built.")
+        self._sync_modes()
+        micro_batches = _split_evenly(batch, self.strategy.num_micro_batches)
+        records: list[tuple[int, dict[str, Tensor]]] = []
+        metrics_fn = getattr(self.module, "pipeline_metrics", None)
+        with torch.no_grad():
+            for index, output in self.runtime.forward_only(micro_batches):
+                micro_batch = micro_batches[index]
+                if callable(metrics_fn):
+                    metrics = metrics_fn(output, micro_batch)
+                else:
+                    metrics = {"loss": self.module.pipeline_loss(output, micro_batch)}  # type: ignore[operator]
+                records.append((batch_size(micro_batch), {k: v.detach().float() for k, v in metrics.items()}))
+        names = self._names(split, records)
+        vector = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for size, values in records:
+            for i, name in enumerate(names):
+                vector[i] += float(values[name]) * size
+            vector[-1] += size
+        dist.all_reduce(vector)
+        total = float(vector[-1])
+        results = {name: float(vector[i]) / total for i, name in enumerate(names)}
+        for name, value in results.items():
+            self.module.log(f"{split}_{name}", value, prog_bar=True, batch_size=int(total))
+        return torch.tensor(results.get("loss", 0.0), device=self.strategy.root_device)
+
+    def _names(self, split: str, records: Sequence[tuple[int, dict[str, Tensor]]]) -> list[str]:
+        # Only ranks holding a last stage see metrics: agree on their names once per split.
+        if split not in self._metric_names:
+            mine = sorted({name for _, values in records for name in values})
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            self._metric_names[split] = sorted({name for part in gathered for name in part})
+        return self._metric_names[split]
+
+
+def _split_evenly(batch: Any, chunks: int) -> list[Any]:
+    """``split_batch`` when the size divides; otherwise sizes that differ by at most one (evaluation only)."""
+    size = batch_size(batch)
+    if size % chunks == 0:
+        return split_batch(batch, chunks)
+    if size < chunks:
+        raise ValueError(
+            f"An evaluation batch of {size} examples cannot feed micro_batches={chunks}; use a batch size of at "
+            f"least {chunks} (or drop_last=True in the evaluation DataLoader)."
+        )
+    bounds = [round(i * size / chunks) for i in range(chunks + 1)]
+    from lightning_parallel.pipeline.protocol import _slice
+
+    return [_slice(batch, bounds[i], bounds[i + 1]) for i in range(chunks)]

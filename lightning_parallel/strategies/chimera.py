@@ -1,0 +1,406 @@
+"""ChimeraStrategy: train a LightningModule that implements the pipeline protocol on a pipeline of ranks.
+
+Design decisions:
+
+- Launching, the default process group and samplers come from :class:`DDPStrategy` (``popen`` launcher
+  by default, ``spawn``/``fork`` on request); the module is never wrapped in ``DistributedDataParallel``.
+  Ranks ``[p*D, (p+1)*D)`` form pipeline ``p``; with more processes than ``stages`` whole pipelines are
+  replicated and each step's gradients are averaged across replicas (one flat all-reduce per step).
+- Every rank keeps the whole LightningModule (so ``state_dict`` keys and hooks stay as the user wrote them)
+  but trains only its stages: the optimizer built by ``configure_optimizers`` is cut down, param group by
+  param group, to the held stages' parameters; Chimera's second copy of a stage is a ``deepcopy`` that
+  takes the place of the original in the optimizer.
+- The schedule runs inside ``training_step``; the module's own ``training_step`` is not called. The
+  gradients the schedule produces are set aside and installed in ``backward`` (which runs no autograd),
+  because Lightning zeroes gradients between ``training_step`` and ``backward``. The step's loss (and the
+  module's ``pipeline_metrics``) are reduced over all ranks and logged as ``train_<name>`` on every rank;
+  validation and test run the forward-only pipeline and log ``val_<name>`` / ``test_<name>``.
+- Gradient clipping by norm uses the global norm over all stages (each stage counted once).
+- Checkpoints are full and single-device shaped (see ``_pipeline_checkpoint``); they record the pipeline's
+  shape under ``checkpoint["pipeline"]``, and resuming with a different ``stages`` is refused.
+- ``partition="profile"`` needs a micro-batch: the pipeline is then built at the first batch, profiled on
+  global rank 0 and broadcast so that every rank uses the same partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_parallel.pipeline.partition import (
+    PARTITION_METHODS,
+    partition_blocks,
+    profile_blocks,
+    stage_slices,
+)
+from lightning_parallel.pipeline.protocol import check_pipeline_protocol, split_batch
+from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
+from lightning_parallel.pipeline.schedule import Schedule, build_schedule
+from lightning_parallel.strategies._pipeline_checkpoint import (
+    broadcast_tensors,
+    full_optimizer_state,
+    local_optimizer_state,
+    module_tensors,
+    sync_stages,
+)
+from lightning_parallel.strategies._pipeline_steps import PipelineSteps
+
+ScheduleName = Literal["chimera", "chimera-zb", "1f1b", "gpipe"]
+SCHEDULES: tuple[str, ...] = ("chimera", "chimera-zb", "1f1b", "gpipe")
+
+
+class ChimeraStrategy(DDPStrategy):
+    """Pipeline-parallel training with the Chimera bidirectional schedule (or GPipe / 1F1B).
+
+    Args:
+        stages: number of pipeline stages D. ``None`` (default) uses one pipeline over all processes.
+            The world size (devices x nodes) must be a multiple of ``stages``; the quotient is the number of
+            data-parallel pipeline replicas.
+        micro_batches: micro-batches N per optimizer step; each pipeline's batch is split into N equal
+            parts. ``None`` (default) uses N = D. Chimera needs N to be a multiple of D.
+        schedule: ``"chimera"`` (default), ``"chimera-zb"`` (zero-bubble Chimera), ``"1f1b"`` or ``"gpipe"``.
+        partition: how blocks are split into stages: ``"uniform"`` (equal block counts, default),
+            ``"parameters"`` (balanced parameter counts), ``"profile"`` (balanced measured forward+backward
+            time) or an explicit list of blocks per stage, e.g. ``[3, 2, 2, 1]``.
+        forward_doubling: Chimera only: two forwards per slot when N > D (more memory, fewer bubbles).
+        timeout_s: seconds a rank waits for a peer (process group and pipeline transfers). Default 300.
+        start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
+            ``"fork"`` or ``"forkserver"``.
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
+            ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
+            ``process_group_backend``).
+    """
+
+    strategy_name = "chimera"
+
+    def __init__(
+        self,
+        stages: int | None = None,
+        micro_batches: int | None = None,
+        *,
+        schedule: ScheduleName = "chimera",
+        partition: str | Sequence[int] = "uniform",
+        forward_doubling: bool = False,
+        timeout_s: float = 300.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
+        super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
+        if stages is not None and stages < 1:
+            raise ValueError(f"stages={stages} must be a positive number of pipeline stages, e.g. 2 or 4.")
+        if micro_batches is not None and micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be positive, e.g. equal to stages.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}.")
+        if isinstance(partition, str):
+            if partition not in PARTITION_METHODS:
+                raise ValueError(
+                    f"partition={partition!r} is not one of {PARTITION_METHODS} or a list of blocks per "
+                    "stage such as [2, 2]."
+                )
+        else:
+            partition = [int(size) for size in partition]
+            if stages is not None and len(partition) != stages:
+                raise ValueError(
+                    f"partition={partition} lists {len(partition)} stages but stages={stages}; "
+                    "give one block count per stage."
+                )
+        if forward_doubling and not schedule.startswith("chimera"):
+            raise ValueError(f"forward_doubling=True needs schedule='chimera', not schedule={schedule!r}.")
+        self.stages = stages
+        self.micro_batches = micro_batches
+        self.schedule = schedule
+        self.partition = partition
+        self.forward_doubling = forward_doubling
+        self.timeout_s = float(timeout_s)
+        if stages is not None:
+            # Fails early on impossible shapes, e.g. Chimera with an odd number of stages.
+            self._check_schedule(stages)
+        self._steps: PipelineSteps | None = None
+        self._pending_optimizer_states: list[dict[str, Any]] | None = None
+
+    def _check_schedule(self, stages: int) -> Schedule:
+        try:
+            return build_schedule(
+                self.schedule, stages, self.micro_batches or stages, forward_doubling=self.forward_doubling
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self).__name__}(stages={stages}, micro_batches={self.micro_batches}, "
+                f"schedule={self.schedule!r}) cannot run: {err}"
+            ) from err
+
+    # ------------------------------------------------------------------ shape of the job
+    @property
+    def num_stages(self) -> int:
+        """D: the explicit ``stages`` or, by default, every process."""
+        return self.stages if self.stages is not None else self.world_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        """N: the explicit ``micro_batches`` or, by default, D."""
+        return self.micro_batches if self.micro_batches is not None else self.num_stages
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Number of replicas of the whole pipeline."""
+        return self.world_size // self.num_stages
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every rank of a pipeline reads the same batch; pipelines read different ones.
+        return {"num_replicas": self.data_parallel_size, "rank": self.global_rank // self.num_stages}
+
+    @override
+    def _configure_launcher(self) -> None:
+        world = self.num_processes * self.num_nodes
+        if self.stages is not None and world % self.stages != 0:
+            raise ValueError(
+                f"stages={self.stages} does not divide the world size {world} (devices {self.num_processes} "
+                f"x nodes {self.num_nodes}); use a world size that is a multiple of {self.stages} "
+                f"(devices={self.stages} for one pipeline) or a number of stages that divides {world}."
+            )
+        if self.stages is None and self.schedule.startswith("chimera") and world % 2 != 0:
+            raise ValueError(
+                f"schedule={self.schedule!r} needs an even number of stages; stages=None uses all {world} "
+                "processes. Set stages to an even divisor of the world size or use devices=an even number."
+            )
+        super()._configure_launcher()
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if self.accelerator is None:
+            raise RuntimeError("ChimeraStrategy.setup called before an accelerator was set.")
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("ChimeraStrategy.setup called without a LightningModule.")
+        check_pipeline_protocol(module, who=type(self).__name__)
+        if not module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__} runs the optimization itself; {type(module).__name__} sets "
+                "automatic_optimization=False. Use automatic optimization (the default)."
+            )
+        self.model_to_device()
+        self.setup_precision_plugin()
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use "
+                "precision='bf16-mixed' or '32-true'."
+            )
+        # Start every rank from global rank 0's weights, as DDP does.
+        broadcast_tensors(module_tensors([module]), src=0)
+        self._steps = PipelineSteps(self, module)
+        if self.partition != "profile":
+            self._build_pipeline(None)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            if self._steps.runtime is not None:
+                self._steps.localise_optimizers(self.optimizers)
+            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+        self._optimizers_to_device()
+
+    def _optimizers_to_device(self) -> None:
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+        _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _build_pipeline(self, batch: Any) -> None:
+        steps = self._require_steps()
+        blocks = steps.blocks
+        d, n = self.num_stages, self.num_micro_batches
+        if self.partition == "profile":
+            sizes_tensor = torch.zeros(d, dtype=torch.long)
+            if self.global_rank == 0:
+                sample = steps.module.pipeline_input(split_batch(batch, n)[0])  # type: ignore[operator]
+                profiles = profile_blocks(blocks, sample)
+                sizes_tensor = torch.tensor(
+                    partition_blocks(blocks, d, "profile", profiles=profiles), dtype=torch.long
+                )
+            dist.broadcast(sizes_tensor, src=0)
+            sizes = [int(s) for s in sizes_tensor]
+        else:
+            sizes = partition_blocks(blocks, d, self.partition)  # type: ignore[arg-type]
+        schedule = self._check_schedule(d)
+        groups = build_pipeline_groups(self.world_size, d, timeout_s=self.timeout_s)
+        steps.build(schedule, groups, sizes)
+        if self._pending_optimizer_states is not None:
+            steps.localise_optimizers(self.optimizers)
+            self._load_full_optimizer_states(self._pending_optimizer_states)
+            self._pending_optimizer_states = None
+        elif self.optimizers and not steps.localised:
+            steps.localise_optimizers(self.optimizers)
+
+    def _require_steps(self) -> PipelineSteps:
+        if self._steps is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up; run it through a Trainer.")
+        return self._steps
+
+    def _ensure_pipeline(self, batch: Any) -> PipelineSteps:
+        steps = self._require_steps()
+        if steps.runtime is None:
+            self._build_pipeline(batch)
+        return steps
+
+    @property
+    def pipeline_schedule(self) -> Schedule | None:
+        """The schedule in use (``None`` before the pipeline is built)."""
+        return None if self._steps is None else self._steps.schedule
+
+    @property
+    def pipeline_runtime(self) -> PipelineRuntime | None:
+        """This rank's runtime (``None`` before the pipeline is built), e.g. for its ``trace``."""
+        return None if self._steps is None else self._steps.runtime
+
+    @property
+    def partition_sizes(self) -> list[int] | None:
+        """Blocks per stage in use (``None`` before the pipeline is built)."""
+        return None if self._steps is None else self._steps.sizes
+
+    # ------------------------------------------------------------------ steps
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        batch = args[0] if args else kwargs["batch"]
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+        steps = self._ensure_pipeline(batch)
+        with self.precision_plugin.train_step_context():
+            return steps.train(batch)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        # The schedule already ran backward inside training_step: install its gradients instead.
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("backward called without a LightningModule.")
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self._require_steps().install_gradients()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        batch = args[0] if args else kwargs["batch"]
+        steps = self._ensure_pipeline(batch)
+        with self.precision_plugin.val_step_context():
+            return steps.evaluate(batch, "val")
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        batch = args[0] if args else kwargs["batch"]
+        steps = self._ensure_pipeline(batch)
+        with self.precision_plugin.test_step_context():
+            return steps.evaluate(batch, "test")
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not run predict; load the checkpoint into a plain module "
+            "(`YourModule.load_from_checkpoint(path)`) and predict on one device or under DDP."
+        )
+
+    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        self._require_steps().clip_grad_norm(float(clip_val))
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._sync_full_module()
+        return super().lightning_module_state_dict()
+
+    def _sync_full_module(self) -> None:
+        steps = self._steps
+        if steps is None or steps.runtime is None or steps.schedule is None or steps.groups is None:
+            return
+        slices = stage_slices(steps.sizes or [])
+        owners = [steps.groups.global_rank_of(steps.schedule.rank_of(0, s)) for s in range(len(slices))]
+        sync_stages([steps.blocks[sl] for sl in slices], owners, steps.groups.pipeline_group)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        steps = self._require_steps()
+        if steps.groups is None or not steps.localised:
+            return optimizer.state_dict()
+        index = self.optimizers.index(optimizer)
+        return full_optimizer_state(
+            optimizer, steps.held[index], steps.full_groups[index], steps.groups.pipeline_group
+        )
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        steps = self._steps
+        checkpoint["pipeline"] = {
+            "stages": self.num_stages,
+            "micro_batches": self.num_micro_batches,
+            "schedule": self.schedule,
+            "partition": None if steps is None else steps.sizes,
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        meta = checkpoint.get("pipeline")
+        if meta is not None and meta.get("stages") != self.num_stages:
+            raise ValueError(
+                f"The checkpoint {checkpoint_path} was written with stages={meta.get('stages')} but this run "
+                f"has stages={self.num_stages}. Resume with stages={meta.get('stages')}, or start a new run "
+                "from its weights: `YourModule.load_from_checkpoint(path)` then `trainer.fit(module)`."
+            )
+        steps = self._steps
+        if meta is not None and steps is not None and steps.runtime is None and meta.get("partition"):
+            # A profiled partition is not measured again on resume: the trajectory stays the same.
+            self.partition = list(meta["partition"])
+        return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        if self._steps is not None:
+            self._steps.refresh_copies()
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        states = list(checkpoint["optimizer_states"])
+        steps = self._require_steps()
+        if steps.runtime is None:
+            self._pending_optimizer_states = states
+            return
+        self._load_full_optimizer_states(states)
+
+    def _load_full_optimizer_states(self, states: Sequence[dict[str, Any]]) -> None:
+        from lightning.fabric.utilities.optimizer import _optimizer_to_device
+
+        steps = self._require_steps()
+        for index, (optimizer, full_state) in enumerate(zip(self.optimizers, states)):
+            optimizer.load_state_dict(local_optimizer_state(full_state, optimizer, steps.held[index]))
+            _optimizer_to_device(optimizer, self.root_device)
+
+    @override
+    def on_train_end(self) -> None:
+        # After fit every rank's module holds all trained weights (the spawn launcher returns rank 0's).
+        self._sync_full_module()
+        super().on_train_end()
+
