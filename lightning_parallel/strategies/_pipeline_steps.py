@@ -266,7 +266,8 @@ class PipelineSteps:
         total = float(vector[-1])
         results = {name: float(vector[i]) / total for i, name in enumerate(names)}
         for name, value in results.items():
-            self.module.log(f"{split}_{name}", value, prog_bar=True, batch_size=int(total))
+            # Equal on every rank already; sync_dist only reduces once at epoch end and keeps Lightning quiet.
+            self.module.log(f"{split}_{name}", value, prog_bar=True, batch_size=int(total), sync_dist=True)
         return torch.tensor(results.get("loss", 0.0), device=self.strategy.root_device)
 
     def _names(self, split: str, records: Sequence[tuple[int, dict[str, Tensor]]]) -> list[str]:
