@@ -5,10 +5,12 @@ Design decisions:
 - ``torch.autograd.graph.saved_tensors_hooks``: pack compresses, unpack decompresses. Unpack may
   run several times for one saved tensor, so it never frees or mutates the packed data; autograd
   drops the packed object when it no longer needs it, which is what frees the memory.
-- Parameters, buffers and their views or dtype casts (autocast's bf16 copy of a weight) are
-  never compressed: a tensor is skipped when it is an ``nn.Parameter``, when its storage is the
-  storage of a parameter or buffer of a registered module (compared by ``data_ptr``), or when
-  its autograd history is a short chain of casts and views ending at a parameter.
+- Parameters, buffers and what is computed from parameters alone (autocast's bf16 copy of a
+  weight, its transpose, a fake-quantized weight) are never compressed: a tensor is skipped when
+  it is an ``nn.Parameter``, when its storage is the storage of a parameter or buffer of a
+  registered module (compared by ``data_ptr``), or when its autograd history, up to 4 ops
+  deep, reads parameters and nothing else (an input without gradient, such as the data, shows
+  up as a ``None`` edge and makes the tensor an activation).
 - A storage saved several times (a ReLU output saved by the ReLU and again as the next layer's
   input, or the 2-D view of a 3-D input that ``linear`` saves) is compressed once and shared.
   A dense tensor (any permutation of a contiguous block) is keyed by its block of storage and
@@ -40,6 +42,7 @@ from lightning_parallel.compression.stats import CompressionStats
 __all__ = ["ErrorBoundPolicy", "SavedTensorCompressor"]
 
 _CAST_CHAIN_DEPTH = 4
+_CAST_CHAIN_NODES = 16
 
 
 class ErrorBoundPolicy(Protocol):
@@ -168,15 +171,28 @@ class SavedTensorCompressor:
     def _is_parameter_like(self, t: Tensor) -> bool:
         if isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in self._excluded:
             return True
-        fn = t.grad_fn
-        for _ in range(_CAST_CHAIN_DEPTH):
-            if fn is None or len(fn.next_functions) != 1:
-                return False
-            fn = fn.next_functions[0][0]
-            var = getattr(fn, "variable", None)
+        return t.grad_fn is not None and self._from_parameters_only(t.grad_fn)
+
+    def _is_parameter(self, var: Tensor) -> bool:
+        return isinstance(var, nn.Parameter) or var.untyped_storage().data_ptr() in self._excluded
+
+    def _from_parameters_only(self, fn: Any) -> bool:
+        """Whether a short autograd history reads parameters and nothing else (casts, views, fake quantization)."""
+        stack, seen = [(fn, 0)], 0
+        while stack:
+            node, depth = stack.pop()
+            if node is None:
+                return False  # an input without gradient: data, not a parameter
+            var = getattr(node, "variable", None)
             if var is not None:
-                return isinstance(var, nn.Parameter) or var.untyped_storage().data_ptr() in self._excluded
-        return False
+                if not self._is_parameter(var):
+                    return False
+                continue
+            seen += 1
+            if depth >= _CAST_CHAIN_DEPTH or seen > _CAST_CHAIN_NODES or not node.next_functions:
+                return False
+            stack.extend((nxt, depth + 1) for nxt, _ in node.next_functions)
+        return True
 
     def _pack(self, t: Tensor) -> Any:
         if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type == "meta":

@@ -1,0 +1,301 @@
+"""Precision plugin that compresses the activations saved for backward.
+
+Design decisions:
+
+- Lightning accepts one precision plugin, so this one wraps an *inner* precision (``"32-true"``,
+  ``"bf16-mixed"``, ``"16-mixed"`` or any ``Precision`` instance, e.g. ``QuantizationPrecision``)
+  and delegates every precision duty to it: autocast, loss scaling, optimizer step, clipping,
+  module conversion, checkpoint state.
+- The compression hooks (:class:`~lightning_parallel.compression.SavedTensorCompressor`) are
+  installed in ``train_step_context``, inside the inner one, so they see exactly the training
+  forward (and the loss); validation, test and prediction run under ``no_grad`` and are left
+  alone. Backward runs outside the context, which is what unpacks the saved tensors.
+- The module given to ``convert_module`` is registered so that its parameters and buffers are
+  never compressed, and (with ``adaptive=True``) its Linear and Conv layers are hooked by the
+  :class:`~lightning_parallel.compression.AdaptiveErrorController`, which recalibrates after
+  backward every ``adapt_interval`` steps. Its state goes into the checkpoint through
+  ``state_dict``/``load_state_dict``, next to the inner precision's.
+- After every training forward the step's accounting (compression ratio, raw and packed bytes
+  over unique storages, peak saved bytes) is logged as ``compression/<name>`` and kept in
+  :attr:`last_stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Generator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_parallel.compression import (
+    CODECS,
+    AdaptiveErrorController,
+    CompressionStats,
+    SavedTensorCompressor,
+    make_codec,
+)
+from lightning_parallel.compression.kbit import ALLOWED_BITS
+
+__all__ = ["CompressedActivationPrecision"]
+
+INNER_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def _make_inner(inner: str | Precision) -> Precision:
+    if isinstance(inner, Precision):
+        return inner
+    if inner == "32-true":
+        return Precision()
+    if inner in ("bf16-mixed", "16-mixed"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return MixedPrecision(inner, device)  # type: ignore[arg-type]
+    raise ValueError(
+        f"`inner` must be one of {INNER_PRECISIONS} or a `lightning.pytorch.plugins.Precision` instance,"
+        f" got inner={inner!r}."
+    )
+
+
+class CompressedActivationPrecision(Precision):
+    """Compresses every tensor autograd saves during the training forward.
+
+    Args:
+        inner: the precision to wrap: ``"32-true"`` (default), ``"bf16-mixed"``, ``"16-mixed"`` or a
+            ``Precision`` instance. Mixed precision strings use CUDA when available, else the CPU;
+            pass a ``MixedPrecision`` instance to choose.
+        codec: ``"kbit"`` (default, ActNN-style), ``"error_bounded"`` (COMET-style) or ``"none"``.
+        bits: k-bit width, one of 1, 2, 4, 8 (``kbit``). Default 2.
+        group_size: elements sharing a minimum and scale (``kbit``). Default 256.
+        stochastic: stochastic rounding (``kbit``). Default ``True``.
+        zero_mask: keep exact zeros in a 1-bit mask (``kbit``, ``error_bounded``). Default ``True``.
+        error_bound: error bound (``error_bounded``), > 0; absolute, or a fraction of each tensor's
+            value range with ``error_bound_mode="relative"``. Default 1e-2.
+        error_bound_mode: ``"relative"`` (default) or ``"absolute"``.
+        lossless: ``"none"`` (default) or ``"zstd"`` after error-bounded coding on CPU (``zstd`` extra).
+        min_numel: tensors with fewer elements are kept as they are. Default 1024.
+        compress_masks: store boolean and 0/1 integer tensors in 1 bit. Default ``True``.
+        adaptive: choose per-layer error bounds from gradient statistics (``error_bounded``).
+            Default ``False``.
+        target_error: relative weight-gradient error the adaptive bounds aim at. Default 0.05.
+        adapt_interval: steps between adaptive recalibrations. Default 100.
+        log_stats: log the compression accounting every training step. Default ``True``.
+        seed: seed of the stochastic rounding noise. Default 0.
+    """
+
+    def __init__(
+        self,
+        inner: str | Precision = "32-true",
+        *,
+        codec: Literal["kbit", "error_bounded", "none"] = "kbit",
+        bits: int = 2,
+        group_size: int = 256,
+        stochastic: bool = True,
+        zero_mask: bool = True,
+        error_bound: float = 1e-2,
+        error_bound_mode: Literal["relative", "absolute"] = "relative",
+        lossless: Literal["none", "zstd"] = "none",
+        min_numel: int = 1024,
+        compress_masks: bool = True,
+        adaptive: bool = False,
+        target_error: float = 0.05,
+        adapt_interval: int = 100,
+        log_stats: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if codec not in CODECS:
+            raise ValueError(f"`codec` must be one of {CODECS}, got codec={codec!r}.")
+        if bits not in ALLOWED_BITS:
+            raise ValueError(f"`bits` must be one of {ALLOWED_BITS}, got bits={bits!r}.")
+        if not error_bound > 0:
+            raise ValueError(f"`error_bound` must be > 0, got error_bound={error_bound!r}.")
+        if adaptive and codec != "error_bounded":
+            raise ValueError(f"`adaptive=True` needs codec='error_bounded', got codec={codec!r}.")
+        self.inner = _make_inner(inner)
+        self.precision = self.inner.precision
+        self.codec_name = codec
+        self.log_stats = log_stats
+        self.controller: AdaptiveErrorController | None = None
+        if adaptive:
+            self.controller = AdaptiveErrorController(
+                target_error=target_error, adapt_interval=adapt_interval
+            )
+        self.compressor = SavedTensorCompressor(
+            make_codec(
+                codec,
+                bits=bits,
+                group_size=group_size,
+                stochastic=stochastic,
+                zero_mask=zero_mask,
+                error_bound=error_bound,
+                error_bound_mode=error_bound_mode,
+                lossless=lossless,
+                seed=seed,
+            ),
+            min_numel=min_numel,
+            compress_masks=compress_masks,
+            policy=self.controller,
+        )
+        self.last_stats = CompressionStats()
+        self._module: pl.LightningModule | None = None
+
+    # ---- compression ----------------------------------------------------------------------------
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        module = self.inner.convert_module(module)
+        self.compressor.exclude(module)
+        if self.controller is not None:
+            self.controller.attach(module)
+        if isinstance(module, pl.LightningModule):
+            self._module = module
+        return module
+
+    @contextlib.contextmanager
+    def compression_context(self) -> Generator[None, None, None]:
+        """Compresses what autograd saves inside it (the training step uses it)."""
+        if self.controller is not None:
+            self.controller.begin_step()
+        with self.compressor:
+            yield
+        self.last_stats = copy.copy(self.compressor.stats)
+        self._log()
+
+    def _log(self) -> None:
+        module = self._module
+        if not self.log_stats or module is None or module._current_fx_name != "training_step":
+            return
+        try:
+            module.trainer  # noqa: B018
+        except RuntimeError:
+            return
+        stats = {f"compression/{k}": v for k, v in self.last_stats.as_dict().items()}
+        module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        with self.inner.train_step_context(), self.compression_context():
+            yield
+
+    @override
+    @contextlib.contextmanager
+    def val_step_context(self) -> Generator[None, None, None]:
+        with self.inner.val_step_context():
+            yield
+
+    @override
+    @contextlib.contextmanager
+    def test_step_context(self) -> Generator[None, None, None]:
+        with self.inner.test_step_context():
+            yield
+
+    @override
+    @contextlib.contextmanager
+    def predict_step_context(self) -> Generator[None, None, None]:
+        with self.inner.predict_step_context():
+            yield
+
+    @override
+    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        out = self.inner.post_backward(tensor, module)
+        if self.controller is not None:
+            self.controller.end_step()
+        return out
+
+    # ---- checkpoint -----------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("inner"):
+            self.inner.load_state_dict(state_dict["inner"])
+        if self.controller is not None and state_dict.get("controller") is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+
+    # ---- delegation to the inner precision ------------------------------------------------------
+
+    @override
+    def connect(
+        self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        return self.inner.connect(model, optimizers, lr_schedulers)
+
+    @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        return self.inner.tensor_init_context()
+
+    @override
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        return self.inner.module_init_context()
+
+    @override
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return self.inner.forward_context()
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return self.inner.convert_input(data)
+
+    @override
+    def convert_output(self, data: Any) -> Any:
+        return self.inner.convert_output(data)
+
+    @override
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        return self.inner.pre_backward(tensor, module)
+
+    @override
+    def backward(  # type: ignore[override]
+        self, tensor: Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        self.inner.backward(tensor, model, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
+
+    @override
+    def clip_gradients(
+        self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: Any = None
+    ) -> None:
+        if gradient_clip_algorithm is None:
+            self.inner.clip_gradients(optimizer, clip_val)
+        else:
+            self.inner.clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+    @override
+    def main_params(self, optimizer: Optimizer) -> Any:
+        return self.inner.main_params(optimizer)
+
+    @override
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
+        self.inner.unscale_gradients(optimizer)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.inner.on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.inner.on_load_checkpoint(checkpoint)
+
+    @override
+    def teardown(self) -> None:
+        if self.controller is not None:
+            self.controller.detach()
+        self.inner.teardown()
