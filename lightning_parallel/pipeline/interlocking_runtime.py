@@ -4,11 +4,12 @@ Stages are spread over the ranks of a process group in contiguous runs (rank ``r
 ``[r * S/R, (r + 1) * S/R)``); with one rank, every stage runs in the calling process (single-process mode).
 Each rank runs two kinds of action per micro-batch ``m`` of a step:
 
-- ``F(m)``: receive the input, run the held stages' forwards (each trains its head and applies its own loss's
-  gradient), send the output on, and send the first held stage's *early* message (its own loss's input
-  gradient) back; on the last rank the backwards of the held stages follow at once;
-- ``B(m)``: receive the next rank's early and late messages, apply them to the held stages from last to
-  first, and send the first held stage's *late* message (the relayed input gradients) back.
+- ``F(m)``: receive the input, run the held stages' forwards and send the output on at once; then each held
+  stage's own loss (training its head): its input gradient first, sent back as the first held stage's
+  *early* message, then its weight gradient; on the last rank the held stages' backwards follow at once;
+- ``B(m)``: receive the next rank's early and late messages, compute the held stages' input gradients from
+  last to first, send the first held stage's *late* message (the relayed input gradients) back, then
+  compute the weight gradients.
 
 A rank's ``B(m)`` depends only on the next ``min(k - 1, ...)`` stages, so the order is 1F1B-like with a
 warmup of as many forwards as stages the backward depends on (``k - 1`` hops, clipped at the end): with
@@ -103,7 +104,6 @@ class InterlockingRuntime:
         self._shapes: dict[tuple[Any, ...], list[tuple[torch.Size, torch.dtype]]] = {}
         self._sends: list[Any] = []
         self._early: dict[tuple[int, int], torch.Tensor | None] = {}
-        self._late: dict[tuple[int, int], torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------------------ training
     def order(self, micro_batches: int) -> list[tuple[str, int]]:
@@ -145,12 +145,16 @@ class InterlockingRuntime:
         else:
             x = self._recv(shapes[first - 1], self.rank - 1, _FORWARD)
         for s in self.held:
-            x, early = self.stages[s].forward(m, x, micro_batch, weight)
-            self._early[(s, m)] = early
+            x = self.stages[s].forward(m, x)
         if not self.is_last:
-            self._send(x, self.rank + 1, _FORWARD)
-        if first > 0 and self.plan.sent_early(first):
-            self._send(self._early[(first, m)], self.rank - 1, _EARLY)  # type: ignore[arg-type]
+            self._send(x, self.rank + 1, _FORWARD)  # first, so that the next rank starts at once
+        for s in self.held:
+            self._early[(s, m)] = self.stages[s].own_input(m, micro_batch, weight)
+        early = self._early[(first, m)]
+        if first > 0 and early is not None:
+            self._send(early, self.rank - 1, _EARLY)
+        for s in self.held:
+            self.stages[s].own_weight(m)
         if self.is_last:
             self._run_backwards(m, remote=None)
 
@@ -166,26 +170,27 @@ class InterlockingRuntime:
         self._run_backwards(m, remote=remote)
 
     def _run_backwards(self, m: int, remote: list[torch.Tensor] | None) -> None:
-        """Apply received gradients to the held stages, last to first; send the first one's late message."""
-        for s in reversed(self.held):
-            if not self.plan.has_backward(s):
-                self._late[(s, m)] = None
-                continue
+        """Apply received gradients to the held stages, last to first: input gradients (then the first one's
+        late message is sent), then weight gradients."""
+        late: dict[int, torch.Tensor | None] = {}
+        with_backward = [s for s in reversed(self.held) if self.plan.has_backward(s)]
+        for s in with_backward:
             if s == self.held[-1]:
                 received = remote or []
             else:
-                early, late = self._early.get((s + 1, m)), self._late.get((s + 1, m))
+                early, next_late = self._early.get((s + 1, m)), late.get(s + 1)
                 received = ([early] if early is not None else []) + (
-                    list(late.unbind(0)) if late is not None else []
+                    list(next_late.unbind(0)) if next_late is not None else []
                 )
-            self._late[(s, m)] = self.stages[s].backward(m, received)
+            late[s] = self.stages[s].backward_input(m, received)
         first = self.held[0]
-        late = self._late.get((first, m))
-        if first > 0 and late is not None:
-            self._send(late, self.rank - 1, _LATE)
+        first_late = late.get(first)
+        if first > 0 and first_late is not None:
+            self._send(first_late, self.rank - 1, _LATE)
+        for s in with_backward:
+            self.stages[s].backward_weight(m)
         for s in self.held:
             self._early.pop((s, m), None)
-            self._late.pop((s, m), None)
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(
@@ -210,12 +215,15 @@ class InterlockingRuntime:
                 if self.is_first
                 else self._recv(shapes[first - 1], self.rank - 1, _EVAL)
             )
+            predictions = []
             for s in self.held:
                 x, prediction = self.stages[s].evaluate(x)
-                for name, value in metrics_fn(prediction, micro_batch).items():
-                    sums[s][name] = sums[s].get(name, torch.zeros(())) + size * value.detach().float()
+                predictions.append((s, prediction))
             if not self.is_last:
                 self._send(x, self.rank + 1, _EVAL)
+            for s, prediction in predictions:
+                for name, value in metrics_fn(prediction, micro_batch).items():
+                    sums[s][name] = sums[s].get(name, torch.zeros(())) + size * value.detach().float()
             self._prune_sends()
         return {
             s: {name: value / max(total, 1) for name, value in metrics.items()} for s, metrics in sums.items()

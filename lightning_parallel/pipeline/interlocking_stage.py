@@ -1,14 +1,18 @@
 """One stage of interlocking backprop: its forward, its own loss and the gradients it passes on.
 
-A stage keeps, per micro-batch, its detached input and its output's autograd graph until every gradient that
-passes through it has been applied. Work per micro-batch:
+A stage keeps, per micro-batch, its detached input, its output's autograd graph and the gradients of the
+output it has received, until its weight gradient is applied. Work per micro-batch, in the order the runtime
+calls it (input gradients before weight gradients, so that messages leave as early as possible):
 
-- :meth:`InterlockingStage.forward`: run the blocks, the head (or the true loss on the last stage), train the
-  head on its own loss, and apply the stage's own loss gradient (``W`` if it updates this stage, ``I`` if it
-  goes on to the previous stage: the *early* message);
-- :meth:`InterlockingStage.backward`: apply the gradients received from the next stage (targets further
-  ahead), in ascending target order, accumulating the weight gradient of the one target that updates this
-  stage and returning the input gradients that go on (the *late* message, stacked).
+- :meth:`InterlockingStage.forward`: run the blocks;
+- :meth:`InterlockingStage.own_input`: the stage's own loss (its head's, or the true loss on the last stage),
+  which trains the head, and the loss's input gradient if it goes on (the *early* message);
+- :meth:`InterlockingStage.own_weight`: the own loss's weight gradient, if it updates this stage (k = 1,
+  and the last stage);
+- :meth:`InterlockingStage.backward_input`: the gradients received from the next stage (targets further
+  ahead, ascending); their input gradients that go on (the *late* message, stacked);
+- :meth:`InterlockingStage.backward_weight`: the weight gradient of the received target that updates this
+  stage.
 
 Every gradient is scaled by the micro-batch's share of the batch, so that the accumulated ``.grad`` is the
 gradient of the batch-mean loss. The loss of the model (``pipeline_loss``) must have no parameters of its own.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +53,7 @@ class SimulatedCost:
 class _Saved:
     x_in: torch.Tensor
     out: torch.Tensor
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)  # target -> gradient of ``out``
 
 
 class InterlockingStage:
@@ -92,52 +97,63 @@ class InterlockingStage:
         self.loss_sum = torch.zeros(())
 
     # ----------------------------------------------------------------------------------- work
-    def forward(
-        self, micro_batch_index: int, x: torch.Tensor, micro_batch: Any, weight: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the stage on ``x``, train its head, apply its own loss gradient.
+    def forward(self, micro_batch_index: int, x: torch.Tensor) -> torch.Tensor:
+        """Run the stage's blocks on ``x`` (keeping the graph); return the output, detached."""
+        x_in = x.detach().requires_grad_(self._needs_input) if x.is_floating_point() else x
+        out = self.blocks(x_in)
+        self._sleep(self.cost.forward if self.cost else 0.0)
+        self._saved[micro_batch_index] = _Saved(x_in, out)
+        return out.detach()
+
+    def own_input(self, micro_batch_index: int, micro_batch: Any, weight: float) -> torch.Tensor | None:
+        """Compute this stage's own loss, train its head, and return the early message (or ``None``).
 
         Args:
             micro_batch_index: the micro-batch's index in the step.
-            x: the stage's input (the previous stage's output, or the first block's input).
             micro_batch: the micro-batch (for the loss).
             weight: the micro-batch's share of the batch (scales every gradient).
 
         Returns:
-            The stage's output (detached) and the early message (own loss's input gradient) or ``None``.
+            The input gradient of this stage's own loss, if it goes on to the previous stage.
         """
-        x_in = x.detach().requires_grad_(self._needs_input) if x.is_floating_point() else x
-        out = self.blocks(x_in)
-        self._sleep(self.cost.forward if self.cost else 0.0)
+        saved = self._saved[micro_batch_index]
         own = self.index in self.plan.passes(self.index)
-        early: torch.Tensor | None = None
-        if self.is_last or self.head is not None:
-            out_d = out.detach().requires_grad_(own)
-            prediction = out_d if self.is_last else self.head(out_d)  # type: ignore[misc]
-            loss = self.loss_fn(prediction, micro_batch)
-            self.loss_sum = self.loss_sum + weight * loss.detach().float()
-            inputs = [*self.head_params, out_d] if own else list(self.head_params)
-            if inputs:
-                grads = torch.autograd.grad(loss * weight, inputs, allow_unused=True)
-                _accumulate(self.head_params, grads[: len(self.head_params)])
-                if own:
-                    early = self._apply(self.index, grads[-1], out, x_in)
-        if self.plan.has_backward(self.index):
-            self._saved[micro_batch_index] = _Saved(x_in, out)
-        return out.detach(), early
+        if not self.is_last and self.head is None:
+            return None
+        out_d = saved.out.detach().requires_grad_(own)
+        prediction = out_d if self.is_last else self.head(out_d)  # type: ignore[misc]
+        loss = self.loss_fn(prediction, micro_batch)
+        self.loss_sum = self.loss_sum + weight * loss.detach().float()
+        inputs = [*self.head_params, out_d] if own else list(self.head_params)
+        if not inputs:
+            return None
+        grads = torch.autograd.grad(loss * weight, inputs, allow_unused=True)
+        _accumulate(self.head_params, grads[: len(self.head_params)])
+        if not own:
+            return None
+        saved.grads[self.index] = grads[-1]
+        return self._input_grad(self.index, grads[-1], saved)
 
-    def backward(self, micro_batch_index: int, received: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """Apply the gradients of :meth:`InterlockingPlan.received` targets (ascending) to this stage.
+    def own_weight(self, micro_batch_index: int) -> None:
+        """Accumulate the weight gradient of this stage's own loss, if that loss updates this stage (k = 1)."""
+        saved = self._saved[micro_batch_index]
+        grad = saved.grads.get(self.index)
+        if grad is not None:
+            self._weight_grad(self.index, grad, saved)
+        if not self.plan.has_backward(self.index):
+            del self._saved[micro_batch_index]
+
+    def backward_input(self, micro_batch_index: int, received: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Take the gradients of :meth:`InterlockingPlan.received` targets (ascending); return the late message.
 
         Args:
             micro_batch_index: the micro-batch's index in the step.
             received: one gradient (of this stage's output) per received target.
 
         Returns:
-            The late message: the input gradients of :meth:`InterlockingPlan.sent_late` targets, stacked, or
-            ``None`` if there are none.
+            The input gradients of :meth:`InterlockingPlan.sent_late` targets, stacked, or ``None``.
         """
-        saved = self._saved.pop(micro_batch_index)
+        saved = self._saved[micro_batch_index]
         targets = self.plan.received(self.index)
         if len(received) != len(targets):
             raise RuntimeError(
@@ -145,10 +161,17 @@ class InterlockingStage:
             )
         late = []
         for target, grad in zip(targets, received):
-            input_grad = self._apply(target, grad, saved.out, saved.x_in)
+            saved.grads[target] = grad
+            input_grad = self._input_grad(target, grad, saved)
             if input_grad is not None:
                 late.append(input_grad)
         return torch.stack(late) if late else None
+
+    def backward_weight(self, micro_batch_index: int) -> None:
+        """Accumulate the weight gradient of the received target that updates this stage; free the graph."""
+        saved = self._saved.pop(micro_batch_index)
+        for target in self.plan.received(self.index):
+            self._weight_grad(target, saved.grads[target], saved)
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward without autograd: the stage's output and its prediction (head output, or the output)."""
@@ -163,24 +186,23 @@ class InterlockingStage:
         return loss
 
     # ----------------------------------------------------------------------------------- helpers
-    def _apply(
-        self, target: int, grad: torch.Tensor, out: torch.Tensor, x_in: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Back-propagate ``target``'s gradient of the output through the stage (weights and/or input)."""
-        weight = self.plan.needs_weight(self.index, target)
-        to_input = self.plan.needs_input(self.index, target)
-        inputs = [*(self.params if weight else []), *([x_in] if to_input else [])]
-        if not inputs:
+    def _input_grad(self, target: int, grad: torch.Tensor, saved: _Saved) -> torch.Tensor | None:
+        """``target``'s gradient of the stage input (``I``), if it goes on to the previous stage."""
+        if not self.plan.needs_input(self.index, target):
             return None
-        grads = torch.autograd.grad(out, inputs, grad_outputs=grad, retain_graph=True, allow_unused=True)
-        if weight:
-            _accumulate(self.params, grads[: len(self.params)])
-        if self.cost is not None:
-            self._sleep(
-                (self.cost.backward_weight if weight else 0.0)
-                + (self.cost.backward_input if to_input else 0.0)
-            )
-        return grads[-1] if to_input else None
+        (input_grad,) = torch.autograd.grad(saved.out, [saved.x_in], grad_outputs=grad, retain_graph=True)
+        self._sleep(self.cost.backward_input if self.cost else 0.0)
+        return input_grad
+
+    def _weight_grad(self, target: int, grad: torch.Tensor, saved: _Saved) -> None:
+        """Accumulate ``target``'s gradient of the stage's parameters (``W``), if it updates this stage."""
+        if not self.plan.needs_weight(self.index, target) or not self.params:
+            return
+        grads = torch.autograd.grad(
+            saved.out, self.params, grad_outputs=grad, retain_graph=True, allow_unused=True
+        )
+        _accumulate(self.params, grads)
+        self._sleep(self.cost.backward_weight if self.cost else 0.0)
 
     @staticmethod
     def _sleep(seconds: float) -> None:
