@@ -117,8 +117,9 @@ def test_export_matches_qat_model(bits: int, group_size: int | None) -> None:
         out = exported(x)
     assert isinstance(exported.body[1], QuantizedConv2d) and isinstance(exported.head[1], QuantizedLinear)
     assert isinstance(model.body[1], QATConv2d), "export copies by default"
-    # float16 step sizes: relative weight error <= 2^-11, amplified a little through the layers
-    torch.testing.assert_close(out, expected, atol=5e-3 * expected.abs().max().item(), rtol=0)
+    # float16 step sizes: relative weight error <= 2^-11, which can move a downstream activation across a
+    # rounding boundary (one activation step); with float32 step sizes the export is exact.
+    torch.testing.assert_close(out, expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
     with torch.no_grad():
         exact = export_quantized(model, scale_dtype=torch.float32)(x)
     torch.testing.assert_close(exact, expected, atol=1e-5, rtol=1e-5)
