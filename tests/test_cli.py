@@ -46,3 +46,17 @@ def test_unknown_option_names_the_option() -> None:
     _assert_clean_error(
         run_cli("fit", "--config", QUICKSTART, "--model.init_args.bogus=1"), "bogus", "not accepted"
     )
+
+
+def test_schedule_subcommand_prints_grid_and_cost_model() -> None:
+    result = run_cli("schedule", "--kind", "chimera", "--stages", "4", "--micro-batches", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("rank ") >= 4
+    # With backward = 2 x forward the best Chimera order at D = N = 4 takes 16 units: 12 of work, 0.75.
+    assert "efficiency 0.750" in result.stdout
+
+
+def test_schedule_subcommand_refuses_odd_stages_for_chimera() -> None:
+    result = run_cli("schedule", "--kind", "chimera", "--stages", "3", "--micro-batches", "4")
+    assert result.returncode != 0
+    assert "stages" in result.stderr and "Traceback" not in result.stderr
