@@ -28,7 +28,7 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -111,7 +111,14 @@ class Schedule:
         return any(a.kind is ActionKind.BACKWARD_INPUT for rank in self.actions for a in rank)
 
 
-def build_schedule(kind: str, stages: int, micro_batches: int, *, forward_doubling: bool = False) -> Schedule:
+def build_schedule(
+    kind: str,
+    stages: int,
+    micro_batches: int,
+    *,
+    forward_doubling: bool = False,
+    first_stage_input_gradient: bool = True,
+) -> Schedule:
     """Build and validate the schedule of one optimizer step.
 
     Args:
@@ -120,6 +127,10 @@ def build_schedule(kind: str, stages: int, micro_batches: int, *, forward_doubli
         micro_batches: the number of micro-batches N per step (>= 1; for Chimera a multiple of D, or of
             2D with ``forward_doubling``; for chimera-zb a multiple of D).
         forward_doubling: Chimera only: run every forward slot for two micro-batches.
+        first_stage_input_gradient: chimera-zb only: order the work assuming the first stage computes an
+            input gradient (I = W = 1 everywhere, the textbook case). ``False`` orders it for a first stage
+            whose input needs no gradient, so its whole backward is weight-gradient work (I = 0, W = 2),
+            which is what the runtime does for data inputs.
 
     Raises:
         ValueError: for an unknown kind or a (stages, micro_batches) pair the kind cannot schedule.
@@ -152,7 +163,7 @@ def build_schedule(kind: str, stages: int, micro_batches: int, *, forward_doubli
     elif kind == "chimera":
         schedule = _chimera(stages, micro_batches, forward_doubling)
     else:
-        schedule = _chimera_zero_bubble(stages, micro_batches)
+        schedule = _chimera_zero_bubble(stages, micro_batches, first_stage_input_gradient)
     validate_schedule(schedule)
     return schedule
 
@@ -241,52 +252,71 @@ def _with_all_reduce(order: list[Action]) -> list[Action]:
     return out
 
 
-def _chimera_zero_bubble(d: int, n: int) -> Schedule:
+def _chimera_zero_bubble(d: int, n: int, first_stage_input_gradient: bool) -> Schedule:
     replica_of = _chimera_replicas(n, 1)
     skeleton = Schedule("chimera-zb", d, n, 2, tuple(() for _ in range(d)), False, replica_of)
-    orders = list_schedule(skeleton, max_activations=d)
+    input_cost = [1] * d if first_stage_input_gradient else [0] + [1] * (d - 1)
+    weight_cost = [1] * d if first_stage_input_gradient else [2] + [1] * (d - 1)
+    orders = list_schedule(skeleton, max_activations=d, input_cost=input_cost, weight_cost=weight_cost)
     return Schedule("chimera-zb", d, n, 2, tuple(tuple(_with_all_reduce(o)) for o in orders), False, replica_of)
 
 
-def list_schedule(skeleton: Schedule, *, max_activations: int) -> list[list[Action]]:
-    """Order split-backward work greedily with unit costs: I before F before W, oldest micro-batch first.
+def list_schedule(
+    skeleton: Schedule,
+    *,
+    max_activations: int,
+    input_cost: Sequence[int] | None = None,
+    weight_cost: Sequence[int] | None = None,
+) -> list[list[Action]]:
+    """Order split-backward work greedily: I before F before W, oldest micro-batch first.
+
+    Time advances in whole units; a forward costs 1.
 
     Args:
         skeleton: gives D, N, the replicas and the micro-batch placement (its actions are ignored).
         max_activations: the most micro-batches a rank may hold between a forward and its weight-gradient.
+        input_cost: per stage, the input-gradient cost in units (default 1; 0 makes it instantaneous).
+        weight_cost: per stage, the weight-gradient cost in units (default 1).
     """
     d, n = skeleton.stages, skeleton.micro_batches
+    cost = {
+        ActionKind.FORWARD: [1] * d,
+        ActionKind.BACKWARD_INPUT: list(input_cost) if input_cost is not None else [1] * d,
+        ActionKind.BACKWARD_WEIGHT: list(weight_cost) if weight_cost is not None else [1] * d,
+    }
     end: dict[Action, int] = {}
-    held = [0] * d
     orders: list[list[Action]] = [[] for _ in range(d)]
     pending: list[set[Action]] = [set() for _ in range(d)]
     for m in range(n):
         rep = skeleton.replica_of(m)
         for s in range(d):
-            for kind in (ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT):
+            for kind in cost:
                 pending[skeleton.rank_of(rep, s)].add(Action(kind, rep, s, m))
     busy_until = [0] * d
     t = 0
     priority = {ActionKind.BACKWARD_INPUT: 0, ActionKind.FORWARD: 1, ActionKind.BACKWARD_WEIGHT: 2}
+    limit = 10 * (3 * n + d) * d * (1 + max(max(c) for c in cost.values()))
     while any(pending):
         for r in range(d):
-            if busy_until[r] > t or not pending[r]:
-                continue
-            ready = [a for a in pending[r] if _ready(a, end, t, d) and not (
-                a.kind is ActionKind.FORWARD and held[r] >= max_activations)]
-            if not ready:
-                continue
-            best = min(ready, key=lambda a: (priority[a.kind], a.micro_batch))
-            pending[r].discard(best)
-            orders[r].append(best)
-            end[best] = t + 1
-            busy_until[r] = t + 1
-            if best.kind is ActionKind.FORWARD:
-                held[r] += 1
+            while busy_until[r] <= t and pending[r]:
+                held = sum(
+                    1 if a.kind is ActionKind.FORWARD else -1
+                    for a in orders[r]
+                    if a.kind is ActionKind.FORWARD or (a.kind is ActionKind.BACKWARD_WEIGHT and end[a] <= t)
+                )
+                ready = [
+                    a
+                    for a in pending[r]
+                    if _ready(a, end, t, d) and not (a.kind is ActionKind.FORWARD and held >= max_activations)
+                ]
+                if not ready:
+                    break
+                best = min(ready, key=lambda a: (priority[a.kind], a.micro_batch))
+                pending[r].discard(best)
+                orders[r].append(best)
+                end[best] = busy_until[r] = t + cost[best.kind][best.stage]
         t += 1
-        for r in range(d):
-            held[r] -= sum(1 for a in orders[r] if a.kind is ActionKind.BACKWARD_WEIGHT and end[a] == t)
-        if t > 10 * (3 * n + d) * d:
+        if t > limit:
             raise RuntimeError("list scheduling made no progress; this is a bug")
     return orders
 

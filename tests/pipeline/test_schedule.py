@@ -151,3 +151,14 @@ def test_bad_costs() -> None:
         simulate(schedule, transfer=-1)
     with pytest.raises(ValueError, match="backward=-2"):
         simulate(schedule, backward=-2)
+
+
+@pytest.mark.parametrize(("d", "n", "makespan"), [(4, 4, 13), (4, 8, 26), (8, 8, 27), (8, 16, 51)])
+def test_chimera_zero_bubble_for_a_first_stage_without_input_gradient(d: int, n: int, makespan: int) -> None:
+    schedule = build_schedule("chimera-zb", d, n, first_stage_input_gradient=False)
+    costs = {"backward_input": [0] + [1] * (d - 1), "backward_weight": [2] + [1] * (d - 1)}
+    result = simulate(schedule, forward=1, **costs)
+    assert result.makespan == makespan
+    assert max(result.peak_activations) <= d
+    # the textbook order loses to it when the first stage has no input gradient
+    assert simulate(build_schedule("chimera-zb", d, n), forward=1, **costs).makespan >= makespan
