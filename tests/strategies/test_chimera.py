@@ -177,10 +177,13 @@ def _world(rank: int, world_size: int, ports: list[int], tmp: str) -> dict[str, 
             out[name] = _exact(name, 4)
     strategy = ChimeraStrategy(4, 4)
     model, trainer, losses = pipeline_fit(strategy, 4, GLOBAL_BATCH, {"scheduler": "cosine"}, **FEATURES)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tested = trainer.test(model, DataLoader(dataset(46, seed=2), batch_size=16), verbose=False)[0]
     with torch.no_grad():
         out["features"] = {
             "losses": losses,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "metrics": metrics,
+            "test": tested,
             "out": model(probe()).tolist(),  # plain lists: tensors cannot outlive the worker in a queue
         }
     out["ckpt"] = _checkpoint_runs(rank, tmp)
@@ -219,9 +222,10 @@ def test_losses_match_single_device(distributed: list[dict[str, Any]], reference
         assert_close(losses, expected)
 
 
-def test_clipping_accumulation_scheduler_and_validation(distributed: list[dict[str, Any]]) -> None:
+def test_clipping_accumulation_scheduler_validation_and_test(distributed: list[dict[str, Any]]) -> None:
     model, trainer, expected = reference_fit({"scheduler": "cosine"}, **FEATURES)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tested = trainer.test(model, DataLoader(dataset(46, seed=2), batch_size=16), verbose=False)[0]
     with torch.no_grad():
         expected_out = model(probe())
     for result in distributed:
@@ -229,6 +233,8 @@ def test_clipping_accumulation_scheduler_and_validation(distributed: list[dict[s
         assert_close(got["losses"], expected)
         for key in ("train_loss", "val_loss", "val_acc"):
             assert math.isclose(got["metrics"][key], metrics[key], rel_tol=1e-4, abs_tol=1e-6), key
+        for key in ("test_loss", "test_acc"):
+            assert math.isclose(got["test"][key], tested[key], rel_tol=1e-4, abs_tol=1e-6), key
         # After fit every rank's module holds all trained stages.
         torch.testing.assert_close(torch.tensor(got["out"]), expected_out, rtol=1e-4, atol=1e-5)
 
