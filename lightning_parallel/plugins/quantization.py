@@ -10,7 +10,10 @@ Design decisions:
   mixed precision and can itself be the inner precision of another wrapper. ``convert_module`` converts in
   place (DDP ignores its return value) and is idempotent.
 - ``connect`` swaps each optimizer for its bitsandbytes 8-bit counterpart (same parameter groups and
-  hyperparameters) and re-points LR schedulers at the new optimizer.
+  hyperparameters) and re-points LR schedulers at the new optimizer. It also converts the model if the
+  strategy never called ``convert_module``.
+- Gradient clipping is forwarded through ``clip_grad_by_norm`` / ``clip_grad_by_value`` (not
+  ``clip_gradients``), so a strategy that replaces those methods on the plugin still takes effect.
 - Checkpoints: quantizer step sizes live outside the module ``state_dict`` (whose keys stay those of the
   float model) and inside this plugin's ``state_dict`` together with the mode and settings. Resuming with
   ``trainer.fit(ckpt_path=...)`` therefore works in Lightning's order (model weights restored, then the model
@@ -223,6 +226,9 @@ class QuantizationPrecision(Precision):
     def connect(
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        if self.mode is not None and self._module is None:
+            # A strategy whose ``setup`` skips ``convert_module`` (Lightning's own strategies call it first).
+            self.convert_module(model)
         if self.optimizer is not None:
             from lightning_parallel.quantization.bnb import retarget_scheduler, to_8bit_optimizer
 
@@ -312,13 +318,12 @@ class QuantizationPrecision(Precision):
         return self.inner.optimizer_step(optimizer, model=model, closure=closure, **kwargs)
 
     @override
-    def clip_gradients(
-        self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: Any = None
-    ) -> None:
-        if gradient_clip_algorithm is None:
-            self.inner.clip_gradients(optimizer, clip_val)
-        else:
-            self.inner.clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        self.inner.clip_grad_by_value(optimizer, clip_val)
+
+    @override
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        self.inner.clip_grad_by_norm(optimizer, clip_val)
 
     @override
     def main_params(self, optimizer: Optimizer) -> Any:
