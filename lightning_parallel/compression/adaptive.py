@@ -16,7 +16,8 @@ Design decisions:
   and tensor hooks measure ``||delta||`` and ``||dW||``; after backward every slot gets the
   smallest bound of the layers that read it, capped at ``max_relative_bound`` of its value
   range so that no layer collapses to a single bin. Slots no weight layer reads (norm inputs,
-  attention probabilities) keep the codec's own bound.
+  attention probabilities) get the typical relative precision of the others: the geometric
+  mean of ``eb / range`` over the slots that weight layers read, times their own range.
 - Until the first calibration finished, and for slots beyond those seen (a dynamic graph), the
   codec's own bound applies. The state (step counter and bounds) is small and is saved in the
   checkpoint by the precision plugin.
@@ -54,13 +55,13 @@ class AdaptiveErrorController:
     """Chooses the error bound of every saved tensor for a target relative weight-gradient error.
 
     Args:
-        target_error: wanted relative error of each layer's weight gradient (> 0). Default 0.05.
+        target_error: wanted relative error of each layer's weight gradient (> 0). Default 0.3.
         adapt_interval: steps between calibrations (>= 1). Default 100.
-        max_relative_bound: cap of a bound as a fraction of the tensor's value range. Default 0.05.
+        max_relative_bound: cap of a bound as a fraction of the tensor's value range (> 0). Default 0.1.
     """
 
     def __init__(
-        self, *, target_error: float = 0.05, adapt_interval: int = 100, max_relative_bound: float = 0.05
+        self, *, target_error: float = 0.3, adapt_interval: int = 100, max_relative_bound: float = 0.1
     ) -> None:
         if not target_error > 0:
             raise ValueError(f"`target_error` must be > 0, got target_error={target_error!r}.")
@@ -208,6 +209,16 @@ class AdaptiveErrorController:
                 eb = min(eb, cap)
                 if 0 < eb < math.inf:
                     bounds[slot] = eb
+            # slots no weight layer reads get the typical precision the weight layers asked for:
+            # the geometric mean of their bounds relative to their value ranges
+            relative = [
+                math.log(eb / self._ranges[s]) for s, eb in bounds.items() if self._ranges.get(s, 0) > 0
+            ]
+            if relative:
+                typical = math.exp(sum(relative) / len(relative))
+                for slot, value_range in self._ranges.items():
+                    if slot not in bounds and value_range > 0:
+                        bounds[slot] = typical * value_range
             self.bounds = bounds
         self.step += 1
 

@@ -1,11 +1,14 @@
 """Vectorised bit packing of non-negative integer codes.
 
-Design: codes of width ``bits`` (0 to 32) are packed little-endian, eight codes at a time into
-``bits`` bytes. For widths up to 8 the eight codes of a group are combined into one int64 word
-(``8 * bits <= 64``) and the word is split into bytes; wider codes are split into a low byte
-plane, stored as is, and the remaining high bits, packed recursively. Every step is a tensor op
-over all groups at once: the only Python loops run over the 8 codes of a group and the bytes of
-a word, never over elements, so packing costs a few passes over the data on CPU and CUDA alike.
+Design: codes are packed in *planes*. ``n`` codes (padded to a multiple of 8) of width 1, 2 or
+4 bits fill ``8 / width`` rows of a ``(8 / width, n * width / 8)`` view; byte ``j`` holds code
+``j`` of every row (row ``i`` at bit ``i * width``), so packing is ``8 / width - 1`` shift-or
+operations on contiguous ``uint8`` rows and unpacking a single broadcast shift-and. Other widths
+up to 8 are split into planes of 4, 2 and 1 bits (width 6 = a 4-bit plane of the low bits and
+a 2-bit plane of the next ones), 8-bit codes are stored as bytes, and wider codes store their
+low byte as a plane and pack the remaining high bits the same way. Every step is a tensor op
+over all codes at once, in ``uint8`` wherever possible: no Python loop runs over elements, and
+packing costs a few passes over the data on CPU and CUDA alike.
 """
 
 from __future__ import annotations
@@ -34,6 +37,30 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return ((numel + 7) // 8) * bits
 
 
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """(low bit, width) of the 4/2/1-bit planes of a code of ``bits <= 8`` bits, lowest first."""
+    planes, low = [], 0
+    for width in (4, 2, 1):
+        if bits & width:
+            planes.append((low, width))
+            low += width
+    return planes
+
+
+def _pack_plane(codes: Tensor, width: int) -> Tensor:
+    """Packs ``uint8`` codes below ``2**width`` (length a multiple of 8), ``width`` in {1, 2, 4}."""
+    rows = codes.view(8 // width, -1)
+    out = rows[0].clone()
+    for i in range(1, 8 // width):
+        out |= rows[i] << (i * width)
+    return out
+
+
+def _unpack_plane(packed: Tensor, width: int) -> Tensor:
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device).view(-1, 1)
+    return ((packed.unsqueeze(0) >> shifts) & ((1 << width) - 1)).view(-1)
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Packs integer codes in ``[0, 2**bits)`` into a flat ``uint8`` tensor.
 
@@ -50,30 +77,21 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     n = flat.numel()
     if bits == 0 or n == 0:
         return torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=codes.device)
+    pad = (-n) % 8
     if bits > 8:
-        low = (flat & 0xFF).to(torch.uint8)
-        pad = (-n) % 8
-        if pad:
-            low = torch.cat([low, low.new_zeros(pad)])
-        high = pack_bits(flat.to(torch.int64) >> 8, bits - 8)
-        return torch.cat([low, high])
-    if bits == 8:
-        out = flat.to(torch.uint8)
-        pad = (-n) % 8
-        return torch.cat([out, out.new_zeros(pad)]) if pad else out
-    groups = (n + 7) // 8
-    wide = flat.to(torch.int64)
-    pad = groups * 8 - n
+        wide = flat.to(torch.int64 if bits > 31 else torch.int32)
+        low = (wide & 0xFF).to(torch.uint8)
+        low = torch.cat([low, low.new_zeros(pad)]) if pad else low
+        return torch.cat([low, pack_bits(wide >> 8, bits - 8)])
+    small = flat.to(torch.uint8)
     if pad:
-        wide = torch.cat([wide, wide.new_zeros(pad)])
-    wide = wide.view(groups, 8) & ((1 << bits) - 1)
-    word = wide[:, 0].clone()
-    for i in range(1, 8):  # combine the 8 codes of every group: (groups,) int64
-        word |= wide[:, i] << (i * bits)
-    out = torch.empty(groups, bits, dtype=torch.uint8, device=codes.device)
-    for j in range(bits):  # split each word into `bits` bytes
-        out[:, j] = (word >> (8 * j)) & 0xFF
-    return out.view(-1)
+        small = torch.cat([small, small.new_zeros(pad)])
+    if bits == 8:
+        return small
+    planes = _planes(bits)
+    if len(planes) == 1:
+        return _pack_plane(small & ((1 << bits) - 1), bits)
+    return torch.cat([_pack_plane((small >> low) & ((1 << width) - 1), width) for low, width in planes])
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -85,7 +103,7 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         numel: the number of codes that were packed.
 
     Returns:
-        A 1-D ``int64`` tensor of ``numel`` codes.
+        A 1-D tensor of ``numel`` codes: ``uint8`` for widths up to 8, ``int32`` up to 31, else ``int64``.
     """
     _check_bits(bits)
     expected = packed_nbytes(numel, bits)
@@ -94,20 +112,22 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
             f"`packed` holds {packed.numel()} bytes but {numel} codes of {bits} bits need {expected}."
         )
     if bits == 0 or numel == 0:
-        return torch.zeros(numel, dtype=torch.int64, device=packed.device)
-    groups = (numel + 7) // 8
+        dtype = torch.uint8 if bits <= 8 else torch.int32 if bits <= 31 else torch.int64
+        return torch.zeros(numel, dtype=dtype, device=packed.device)
+    n8 = (numel + 7) // 8 * 8
     if bits > 8:
-        low = packed[: groups * 8].to(torch.int64)
-        high = unpack_bits(packed[groups * 8 :], bits - 8, groups * 8)
+        wide = torch.int64 if bits > 31 else torch.int32
+        low = packed[:n8].to(wide)
+        high = unpack_bits(packed[n8:], bits - 8, n8).to(wide)
         return ((high << 8) | low)[:numel]
     if bits == 8:
-        return packed[:numel].to(torch.int64)
-    by = packed.view(groups, bits).to(torch.int64)
-    word = by[:, 0].clone()
-    for j in range(1, bits):
-        word |= by[:, j] << (8 * j)
-    mask = (1 << bits) - 1
-    out = torch.empty(groups, 8, dtype=torch.int64, device=packed.device)
-    for i in range(8):
-        out[:, i] = (word >> (i * bits)) & mask
-    return out.view(-1)[:numel]
+        return packed[:numel]
+    out: Tensor | None = None
+    offset = 0
+    for low, width in _planes(bits):
+        size = n8 * width // 8
+        plane = _unpack_plane(packed[offset : offset + size], width)
+        offset += size
+        out = plane if out is None else out | (plane << low)
+    assert out is not None
+    return out[:numel]

@@ -250,7 +250,9 @@ class ErrorBoundedCodec(Codec):
         packed = zstd_decompress(payload) if isinstance(payload, ZstdBytes) else payload
         codes = unpack_bits(packed, encoded.bits, encoded.count)
         work = _work_dtype(encoded.dtype)
-        vals = (((codes + encoded.qmin).to(work) + encoded.offset) * encoded.step).to(encoded.dtype)
+        vals = (((codes.to(torch.int32) + encoded.qmin).to(work) + encoded.offset) * encoded.step).to(
+            encoded.dtype
+        )
         if encoded.nonzero is not None:
             keep = unpack_mask(encoded.nonzero)
             out = torch.zeros(keep.shape, dtype=encoded.dtype, device=packed.device)

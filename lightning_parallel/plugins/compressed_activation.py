@@ -82,7 +82,8 @@ class CompressedActivationPrecision(Precision):
         compress_masks: store boolean and 0/1 integer tensors in 1 bit. Default ``True``.
         adaptive: choose per-layer error bounds from gradient statistics (``error_bounded``).
             Default ``False``.
-        target_error: relative weight-gradient error the adaptive bounds aim at. Default 0.05.
+        target_error: relative weight-gradient error the adaptive bounds aim at, per layer. Default 0.3
+            (measured whole-model gradient cosine 0.99 on the digits ResNet, 0.97 on the GPT).
         adapt_interval: steps between adaptive recalibrations. Default 100.
         log_stats: log the compression accounting every training step. Default ``True``.
         seed: seed of the stochastic rounding noise. Default 0.
@@ -103,7 +104,7 @@ class CompressedActivationPrecision(Precision):
         min_numel: int = 1024,
         compress_masks: bool = True,
         adaptive: bool = False,
-        target_error: float = 0.05,
+        target_error: float = 0.3,
         adapt_interval: int = 100,
         log_stats: bool = True,
         seed: int = 0,

@@ -17,17 +17,18 @@ def test_round_trip_every_width() -> None:
             packed = pack_bits(codes, bits)
             assert packed.dtype == torch.uint8
             assert packed.numel() == packed_nbytes(numel, bits) == ((numel + 7) // 8) * bits
-            assert torch.equal(unpack_bits(packed, bits, numel), codes), (bits, numel)
+            assert torch.equal(unpack_bits(packed, bits, numel).long(), codes), (bits, numel)
 
 
 def test_extreme_codes_and_layout() -> None:
     codes = torch.tensor([0, 3, 1, 2, 3, 3, 0, 1])
     packed = pack_bits(codes, 2)
-    # little-endian: code i occupies bits 2i..2i+1 of the 16-bit group
-    expected = sum(int(c) << (2 * i) for i, c in enumerate(codes))
-    assert packed.tolist() == [expected & 0xFF, expected >> 8]
+    # planar: 8 codes -> 4 rows of 2; byte j holds code j of row i at bits 2i..2i+1
+    rows = codes.view(4, 2)
+    assert packed.tolist() == [sum(int(rows[i, j]) << (2 * i) for i in range(4)) for j in range(2)]
     top = torch.full((9,), 2**32 - 1, dtype=torch.int64)
     assert torch.equal(unpack_bits(pack_bits(top, 32), 32, 9), top)
+    assert unpack_bits(pack_bits(codes, 2), 2, 8).dtype == torch.uint8
 
 
 def test_bad_bits_and_sizes() -> None:
