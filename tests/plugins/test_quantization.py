@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,14 @@ def test_constructor_errors_name_the_argument() -> None:
         QuantizationPrecision("bnb-nf4", module_bits={"head": 4})
     with pytest.raises(ValueError, match=r"int8_threshold=-1.0 must be >= 0"):
         QuantizationPrecision("bnb-int8", int8_threshold=-1.0)
+
+
+def test_missing_bitsandbytes_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for kwargs in ({"mode": "bnb-int8"}, {"mode": "bnb-nf4"}, {"mode": None, "optimizer": "adam8bit"}):
+        with pytest.raises(ModuleNotFoundError, match=r'pip install "lightning-parallel\[quant\]"'):
+            QuantizationPrecision(**kwargs)  # type: ignore[arg-type]
+    QuantizationPrecision("qat-int4")  # the QAT modes need no bitsandbytes
 
 
 def test_model_without_quantizable_layers_fails_clearly() -> None:
