@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_parallel.pipeline.partition import stage_slices
-from lightning_parallel.pipeline.protocol import batch_size, split_batch
+from lightning_parallel.pipeline.protocol import _slice, batch_size, split_batch
 from lightning_parallel.pipeline.runtime import PipelineGroups, PipelineRuntime
 from lightning_parallel.pipeline.schedule import Schedule
 from lightning_parallel.strategies._pipeline_checkpoint import HeldParameter, module_tensors
@@ -54,6 +54,7 @@ class PipelineSteps:
         self._fresh_grads: list[Tensor | None] | None = None
         self._records: list[tuple[int, dict[str, Tensor]]] | None = None
         self._metric_names: dict[str, list[str]] = {}
+        self._weights: dict[int, float] = {}
 
     # ------------------------------------------------------------------ building
     def build(self, schedule: Schedule, groups: PipelineGroups, sizes: Sequence[int]) -> None:
@@ -153,6 +154,10 @@ class PipelineSteps:
     # ------------------------------------------------------------------ steps
     def _loss(self, output: Tensor, micro_batch: Any) -> Tensor:
         loss: Tensor = self.module.pipeline_loss(output, micro_batch)  # type: ignore[operator]
+        weight = self._weights.get(id(micro_batch), 1.0)
+        if weight != 1.0:
+            # Unequal micro-batches: the runtime averages N losses, so weigh each by N * size / batch size.
+            loss = loss * weight
         metrics_fn = getattr(self.module, "pipeline_metrics", None)
         if self._records is not None and callable(metrics_fn):
             with torch.no_grad():
@@ -170,7 +175,10 @@ class PipelineSteps:
         if self.runtime is None:
             raise RuntimeError("The pipeline is not built.")
         self._sync_modes()
-        micro_batches = split_batch(batch, self.strategy.num_micro_batches)
+        n = self.strategy.num_micro_batches
+        micro_batches = split_evenly(batch, n)
+        size = batch_size(batch)
+        self._weights = {id(mb): batch_size(mb) * n / size for mb in micro_batches}
         saved = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -182,21 +190,20 @@ class PipelineSteps:
             self._fresh_grads = [p.grad for p in self.params]
             for p, grad in zip(self.params, saved):
                 p.grad = grad
+        self._weights = {}
         dp = self.strategy.data_parallel_size
-        n = self.strategy.num_micro_batches
         names = self._names("train", records)
         # [loss, metric sums..., examples] summed over every rank: one all-reduce per step.
         vector = torch.zeros(len(names) + 2, dtype=torch.float64)
         vector[0] = float(local_loss.detach()) / dp
-        for _, values in records:
+        for examples, values in records:
             for i, name in enumerate(names):
-                vector[1 + i] += float(values[name]) / (n * dp)
+                vector[1 + i] += float(values[name]) * examples / (size * dp)
         dist.all_reduce(vector)
         loss = torch.tensor(float(vector[0]), device=self.strategy.root_device)
-        size = batch_size(batch) * dp
-        self.module.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.module.log("train_loss", loss, prog_bar=True, batch_size=size * dp)
         for i, name in enumerate(names):
-            self.module.log(f"train_{name}", float(vector[1 + i]), prog_bar=True, batch_size=size)
+            self.module.log(f"train_{name}", float(vector[1 + i]), prog_bar=True, batch_size=size * dp)
         return loss
 
     def install_gradients(self) -> None:
@@ -245,7 +252,7 @@ class PipelineSteps:
         if self.runtime is None:
             raise RuntimeError("The pipeline is not built.")
         self._sync_modes()
-        micro_batches = _split_evenly(batch, self.strategy.num_micro_batches)
+        micro_batches = split_evenly(batch, self.strategy.num_micro_batches)
         records: list[tuple[int, dict[str, Tensor]]] = []
         metrics_fn = getattr(self.module, "pipeline_metrics", None)
         with torch.no_grad():
@@ -280,17 +287,20 @@ class PipelineSteps:
         return self._metric_names[split]
 
 
-def _split_evenly(batch: Any, chunks: int) -> list[Any]:
-    """``split_batch`` when the size divides; otherwise sizes that differ by at most one (evaluation only)."""
+def split_evenly(batch: Any, chunks: int) -> list[Any]:
+    """``split_batch`` when the size divides; otherwise sizes that differ by at most one (e.g. an epoch's last batch).
+
+    Raises:
+        ValueError: if the batch has fewer examples than ``chunks``.
+    """
     size = batch_size(batch)
     if size % chunks == 0:
         return split_batch(batch, chunks)
     if size < chunks:
         raise ValueError(
-            f"An evaluation batch of {size} examples cannot feed micro_batches={chunks}; use a batch size of at "
-            f"least {chunks} (or drop_last=True in the evaluation DataLoader)."
+            f"A batch of {size} examples cannot feed micro_batches={chunks} (every micro-batch needs an example); "
+            f"use a batch size of at least {chunks} (a multiple of {chunks} splits evenly), fewer micro_batches, "
+            "or drop_last=True in the DataLoader."
         )
     bounds = [round(i * size / chunks) for i in range(chunks + 1)]
-    from lightning_parallel.pipeline.protocol import _slice
-
     return [_slice(batch, bounds[i], bounds[i + 1]) for i in range(chunks)]

@@ -43,7 +43,7 @@ from lightning_parallel.pipeline.partition import (
     profile_blocks,
     stage_slices,
 )
-from lightning_parallel.pipeline.protocol import check_pipeline_protocol, split_batch
+from lightning_parallel.pipeline.protocol import check_pipeline_protocol
 from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
 from lightning_parallel.pipeline.schedule import Schedule, build_schedule
 from lightning_parallel.strategies._pipeline_checkpoint import (
@@ -53,7 +53,7 @@ from lightning_parallel.strategies._pipeline_checkpoint import (
     module_tensors,
     sync_stages,
 )
-from lightning_parallel.strategies._pipeline_steps import PipelineSteps
+from lightning_parallel.strategies._pipeline_steps import PipelineSteps, split_evenly
 
 ScheduleName = Literal["chimera", "chimera-zb", "1f1b", "gpipe"]
 SCHEDULES: tuple[str, ...] = ("chimera", "chimera-zb", "1f1b", "gpipe")
@@ -226,7 +226,7 @@ class ChimeraStrategy(DDPStrategy):
         if self.partition == "profile":
             sizes_tensor = torch.zeros(d, dtype=torch.long)
             if self.global_rank == 0:
-                sample = steps.module.pipeline_input(split_batch(batch, n)[0])  # type: ignore[operator]
+                sample = steps.module.pipeline_input(split_evenly(batch, n)[0])  # type: ignore[operator]
                 profiles = profile_blocks(blocks, sample)
                 sizes_tensor = torch.tensor(
                     partition_blocks(blocks, d, "profile", profiles=profiles), dtype=torch.long

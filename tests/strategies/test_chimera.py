@@ -351,9 +351,9 @@ def test_module_without_protocol_names_the_hooks() -> None:
         _single(NoProtocol())
 
 
-def test_batch_not_divisible_into_micro_batches() -> None:
-    with pytest.raises(ValueError, match=r"A batch of 6 examples cannot be split into micro_batches=4"):
-        _single(make_model(), batch=6, micro_batches=4)
+def test_batch_smaller_than_micro_batches() -> None:
+    with pytest.raises(ValueError, match=r"A batch of 3 examples cannot feed micro_batches=4"):
+        _single(make_model(), batch=3, micro_batches=4)
 
 
 def test_batchnorm_inside_stages_warns() -> None:
@@ -361,11 +361,12 @@ def test_batchnorm_inside_stages_warns() -> None:
         _single(WithBatchNorm(), batch=6, micro_batches=2)
 
 
-def test_single_stage_matches_plain_training() -> None:
+def test_uneven_micro_batches_match_plain_training() -> None:
+    # 32 examples in 3 micro-batches (11, 10, 11) and a last batch of 20 (7, 6, 7): weighted to the batch mean.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     model = make_model()
-    trainer, recorder = trainer_for(ChimeraStrategy(1, 2, schedule="gpipe"), 1, max_steps=3)
-    data = dataset(96)
+    trainer, recorder = trainer_for(ChimeraStrategy(1, 3, schedule="gpipe"), 1, max_steps=3)
+    data = dataset(84)
     trainer.fit(model, DataLoader(data, batch_size=GLOBAL_BATCH))
     reference = make_model()
     trainer, expected = trainer_for("auto", 1, max_steps=3)
