@@ -274,8 +274,8 @@ class ChimeraStrategy(DDPStrategy):
     # ------------------------------------------------------------------ steps
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        batch = args[0] if args else kwargs["batch"]
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+        batch = args[0] if args else kwargs["batch"]
         steps = self._ensure_pipeline(batch)
         with self.precision_plugin.train_step_context():
             return steps.train(batch)
@@ -295,6 +295,7 @@ class ChimeraStrategy(DDPStrategy):
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch = args[0] if args else kwargs["batch"]
         steps = self._ensure_pipeline(batch)
         with self.precision_plugin.val_step_context():
@@ -302,6 +303,7 @@ class ChimeraStrategy(DDPStrategy):
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch = args[0] if args else kwargs["batch"]
         steps = self._ensure_pipeline(batch)
         with self.precision_plugin.test_step_context():
