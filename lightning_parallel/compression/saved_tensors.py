@@ -9,8 +9,10 @@ Design decisions:
   weight, its transpose, a fake-quantized weight) are never compressed: a tensor is skipped when
   it is an ``nn.Parameter``, when its storage is the storage of a parameter or buffer of a
   registered module (compared by ``data_ptr``), or when its autograd history, up to 4 ops
-  deep, reads parameters and nothing else (an input without gradient, such as the data, shows
-  up as a ``None`` edge and makes the tensor an activation).
+  deep, reaches parameters and no other tensor requiring grad, and it has the shape of one of
+  those parameters (or is a transposed view of that shape). The data, which needs no gradient, is invisible in
+  the history, so the shape tells a first layer's output from a weight copy; a rare square
+  coincidence leaves one activation uncompressed, never the reverse.
 - A storage saved several times (a ReLU output saved by the ReLU and again as the next layer's
   input, or the 2-D view of a 3-D input that ``linear`` saves) is compressed once and shared.
   A dense tensor (any permutation of a contiguous block) is keyed by its block of storage and
@@ -171,28 +173,41 @@ class SavedTensorCompressor:
     def _is_parameter_like(self, t: Tensor) -> bool:
         if isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in self._excluded:
             return True
-        return t.grad_fn is not None and self._from_parameters_only(t.grad_fn)
+        if t.grad_fn is None:
+            return False
+        shapes = self._parameter_shapes(t.grad_fn)
+        if shapes is None:
+            return False
+        # a transposed weight (what `linear` saves) is a transposed view, not a contiguous tensor
+        transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+        return t.shape in shapes or (transposed and t.shape[::-1] in shapes)
 
     def _is_parameter(self, var: Tensor) -> bool:
         return isinstance(var, nn.Parameter) or var.untyped_storage().data_ptr() in self._excluded
 
-    def _from_parameters_only(self, fn: Any) -> bool:
-        """Whether a short autograd history reads parameters and nothing else (casts, views, fake quantization)."""
-        stack, seen = [(fn, 0)], 0
+    def _parameter_shapes(self, fn: Any) -> set[torch.Size] | None:
+        """Shapes of the parameters a short autograd history reads, or ``None`` if it reads anything else.
+
+        Edges without gradient (``None``: constants, or the data) are allowed; the caller also
+        asks for the tensor to have the shape of one of the parameters, which tells a cast,
+        transposed or fake-quantized weight from the first layer's output on a batch.
+        """
+        stack, seen, shapes = [(fn, 0)], 0, set()
         while stack:
             node, depth = stack.pop()
             if node is None:
-                return False  # an input without gradient: data, not a parameter
+                continue
             var = getattr(node, "variable", None)
             if var is not None:
                 if not self._is_parameter(var):
-                    return False
+                    return None
+                shapes.add(var.shape)
                 continue
             seen += 1
-            if depth >= _CAST_CHAIN_DEPTH or seen > _CAST_CHAIN_NODES or not node.next_functions:
-                return False
+            if depth >= _CAST_CHAIN_DEPTH or seen > _CAST_CHAIN_NODES:
+                return None
             stack.extend((nxt, depth + 1) for nxt, _ in node.next_functions)
-        return True
+        return shapes or None
 
     def _pack(self, t: Tensor) -> Any:
         if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type == "meta":

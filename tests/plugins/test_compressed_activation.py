@@ -155,3 +155,34 @@ def test_bad_arguments() -> None:
         CompressedActivationPrecision("64-true")
     with pytest.raises(ValueError, match="`adaptive=True` needs codec='error_bounded', got codec='kbit'"):
         CompressedActivationPrecision(adaptive=True)
+
+
+def test_wraps_quantization_precision_without_compressing_weights() -> None:
+    from lightning_parallel.plugins import QuantizationPrecision
+
+    plugin = CompressedActivationPrecision(QuantizationPrecision("qat-int8"), codec="kbit", min_numel=256)
+    encoded: list[int] = []
+    codec = plugin.compressor.codec
+    original = codec.encode
+
+    def spy(x: torch.Tensor, *, error_bound: float | None = None) -> Any:
+        encoded.append(x.numel())
+        return original(x, error_bound=error_bound)
+
+    codec.encode = spy  # type: ignore[method-assign]
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        plugins=[plugin],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(MLPClassifier(hidden=(128, 128)), DigitsDataModule(batch_size=32, image_size=8))
+    # activations: 32 x 64, 32 x 128, logits 32 x 10; never the weights (fake-quantized copies
+    # included): 128 x 64, 128 x 128, 10 x 128
+    assert encoded and set(encoded) <= {32 * 64, 32 * 128, 32 * 10}
+    assert plugin.last_stats.compression_ratio > 8
