@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -265,6 +265,12 @@ class ChimeraStrategy(DDPStrategy):
     def pipeline_runtime(self) -> PipelineRuntime | None:
         """This rank's runtime (``None`` before the pipeline is built), e.g. for its ``trace``."""
         return None if self._steps is None else self._steps.runtime
+
+    @property
+    def held_stage_modules(self) -> dict[tuple[int, int], nn.Module]:
+        """(replica, stage) -> the module this rank trains; Chimera's replica-1 entry is a copy that is not
+        part of the LightningModule. Callbacks that change gradients must treat every entry alike."""
+        return {} if self._steps is None else dict(self._steps.stage_modules)
 
     @property
     def partition_sizes(self) -> list[int] | None:

@@ -184,6 +184,7 @@ def _world(rank: int, world_size: int, ports: list[int], tmp: str) -> dict[str, 
             "losses": losses,
             "metrics": metrics,
             "test": tested,
+            "held": sorted(strategy.held_stage_modules),
             "out": model(probe()).tolist(),  # plain lists: tensors cannot outlive the worker in a queue
         }
     out["ckpt"] = _checkpoint_runs(rank, tmp)
@@ -228,8 +229,10 @@ def test_clipping_accumulation_scheduler_validation_and_test(distributed: list[d
     tested = trainer.test(model, DataLoader(dataset(46, seed=2), batch_size=16), verbose=False)[0]
     with torch.no_grad():
         expected_out = model(probe())
-    for result in distributed:
+    for rank, result in enumerate(distributed):
         got = result["features"]
+        # Chimera, D=4: rank r holds stage r of the down pipeline and stage D-1-r of the up pipeline.
+        assert got["held"] == [(0, rank), (1, 3 - rank)]
         assert_close(got["losses"], expected)
         for key in ("train_loss", "val_loss", "val_acc"):
             assert math.isclose(got["metrics"][key], metrics[key], rel_tol=1e-4, abs_tol=1e-6), key
