@@ -182,12 +182,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives steadier timings)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--models", nargs="+", default=["resnet-digits", "gpt-text"], choices=["resnet-digits", "gpt-text"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     records: list[dict[str, Any]] = []
-    for setup in _setups(args.quick):
+    if "fp32" not in args.modes:
+        args.modes.insert(0, "fp32")  # the anchor of every ratio
+    for setup in [s for s in _setups(args.quick) if s["name"] in args.models]:
         val_batches = 10 if args.quick else 60
         results = {mode: run(setup, mode, args.seed, val_batches) for mode in args.modes}
         base = results.get("fp32")
