@@ -117,9 +117,9 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     n8 = (numel + 7) // 8 * 8
     if bits > 8:
         wide = torch.int64 if bits > 31 else torch.int32
-        low = packed[:n8].to(wide)
+        low_byte = packed[:n8].to(wide)
         high = unpack_bits(packed[n8:], bits - 8, n8).to(wide)
-        return ((high << 8) | low)[:numel]
+        return ((high << 8) | low_byte)[:numel]
     if bits == 8:
         return packed[:numel]
     out: Tensor | None = None
