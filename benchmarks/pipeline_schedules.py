@@ -106,9 +106,10 @@ def _batch(n: int, real: bool) -> tuple[Tensor, Tensor]:
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
-def _make_stage(index: int, num_stages: int, t: float, cfg: dict[str, Any]) -> nn.Module:
+def _make_stage(index: int, num_stages: int, t: float, cfg: dict[str, Any], v: int = 1) -> nn.Module:
+    """Stage ``index`` of ``num_stages``; ``v`` stages per rank share one rank's compute."""
     if cfg["real"]:
-        return RealStage(cfg["layers_per_stage"], index == 0, index == num_stages - 1)
+        return RealStage(cfg["layers_per_rank"] // v, index == 0, index == num_stages - 1)
     return SleepStage(t, index == 0)
 
 
@@ -148,6 +149,7 @@ def _run_ours(kind: str, rank: int, d: int, n: int, groups: Any, cfg: dict[str, 
     extra = {"first_stage_input_gradient": False} if kind == "chimera-zb" else {}
     schedule = build_schedule(kind, d, n, **extra)
     t = cfg["t_forward"]
+    # Chimera's ranks hold two stages, each seeing half the micro-batches: the same compute per rank
     modules = {(rep, s): _make_stage(s, d, t, cfg) for rep, s in schedule.stages_of(rank)}
     runtime = PipelineRuntime(schedule, groups, modules, lambda mb: mb[0], lambda out, mb: _loss(out, mb[1]))
     x, y = _batch(n, cfg["real"])
@@ -181,7 +183,7 @@ def _run_torch(name: str, rank: int, d: int, n: int, cfg: dict[str, Any]) -> dic
     else:
         indices = [rank, 2 * d - 1 - rank]
     stages = [
-        pipelining.PipelineStage(_make_stage(i, d * v, t, cfg), i, d * v, torch.device("cpu")) for i in indices
+        pipelining.PipelineStage(_make_stage(i, d * v, t, cfg, v), i, d * v, torch.device("cpu")) for i in indices
     ]
     schedule = cls(stages if multi else stages[0], n_microbatches=n, loss_fn=_loss)
     x, y = _batch(n, cfg["real"])
@@ -233,7 +235,8 @@ def _replay_torch(schedule: Any, d: int, v: int, t_forward: float) -> float | No
                 if kind in cost:
                     flat.append((kind, sub.stage_index, sub.microbatch_index))
         per_rank[r] = flat
-    split = any(k == "I" for acts in per_rank.values() for k, _, _ in acts)
+    # the input gradient of (s, m) comes from an "I" or, for schedules that mix both, a full "B"
+    grad_end: dict[tuple[int, int], float] = {}
     done: dict[tuple[str, int, int], float] = {}
     free = dict.fromkeys(per_rank, 0.0)
     pos = dict.fromkeys(per_rank, 0)
@@ -243,17 +246,21 @@ def _replay_torch(schedule: Any, d: int, v: int, t_forward: float) -> float | No
         for r, acts in per_rank.items():
             while pos[r] < len(acts):
                 kind, s, m = acts[pos[r]]
-                if kind == "F":
-                    deps = [("F", s - 1, m)] if s > 0 else []
+                ready: list[float | None] = []
+                if kind == "F" and s > 0:
+                    ready.append(done.get(("F", s - 1, m)))
                 elif kind in ("B", "I"):
-                    grad = "I" if split else "B"
-                    deps = [("F", s, m)] + ([(grad, s + 1, m)] if s < num_stages - 1 else [])
-                else:
-                    deps = [("I", s, m)]
-                if not all(dep in done for dep in deps):
+                    ready.append(done.get(("F", s, m)))
+                    if s < num_stages - 1:
+                        ready.append(grad_end.get((s + 1, m)))
+                elif kind == "W":
+                    ready.append(done.get(("I", s, m)))
+                if any(t_ready is None for t_ready in ready):
                     break
-                start = max([free[r], *[done[dep] for dep in deps]])
+                start = max([free[r], *[t_ready for t_ready in ready if t_ready is not None]])
                 done[(kind, s, m)] = free[r] = start + cost[kind][s]
+                if kind in ("B", "I"):
+                    grad_end[(s, m)] = free[r]
                 pos[r] += 1
                 progressed = True
         if not progressed:
@@ -387,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--points", default=None, help="comma-separated DxN, e.g. 4x4,8x8")
     parser.add_argument("--real", action="store_true", help="real compute: transformer blocks, samples/s")
-    parser.add_argument("--layers-per-stage", type=int, default=1, help="--real: transformer blocks per stage")
+    parser.add_argument(
+        "--layers-per-rank", type=int, default=2, help="--real: transformer blocks per rank (even: split over two stages)"
+    )
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run")
     parser.add_argument("--torch", default=",".join(TORCH), help="torch schedules to run ('' for none)")
     args = parser.parse_args(argv)
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": warmup,
         "real": args.real,
-        "layers_per_stage": args.layers_per_stage,
+        "layers_per_rank": args.layers_per_rank,
         "ours": [k for k in args.ours.split(",") if k],
         "torch": [k for k in args.torch.split(",") if k],
         "timeout": 120.0,

@@ -35,6 +35,10 @@ class PipelineGroups:
         data_parallel_group: the ranks with this pipeline rank in every pipeline.
         pair_group: pipeline ranks r and D-1-r of this pipeline (None for odd D).
         stage_groups: stage -> the group of the two ranks of this pipeline that hold that stage's copies.
+        p2p_groups: per replica, the group its point-to-point messages use (``None``: the default group).
+            The up replica gets its own copy of the world group, so that on a backend that matches messages
+            between two ranks by order rather than by tag (NCCL), each stream carries one replica's
+            messages, which both ends handle in micro-batch order.
         timeout_s: how long a blocking wait may take before it fails.
     """
 
@@ -49,6 +53,7 @@ class PipelineGroups:
     pair_group: Any = None
     stage_groups: dict[int, Any] = field(default_factory=dict)
     timeout_s: float = 300.0
+    p2p_groups: tuple[Any, ...] = (None, None)
 
     def global_rank_of(self, pipeline_rank: int) -> int:
         """The global rank of ``pipeline_rank`` in this rank's pipeline."""
@@ -125,6 +130,7 @@ def build_pipeline_groups(
                 g = group(members)
                 if rank in members:
                     stage_groups[s] = g
+    up_group = group(list(range(world_size))) if stages % 2 == 0 else None
     return PipelineGroups(
         world_size=world_size,
         stages=stages,
@@ -137,4 +143,5 @@ def build_pipeline_groups(
         pair_group=pair_group,
         stage_groups=stage_groups,
         timeout_s=timeout_s,
+        p2p_groups=(None, up_group),
     )

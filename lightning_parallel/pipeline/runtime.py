@@ -2,9 +2,12 @@
 
 Design decisions:
 
-- Activations go forward and gradients backward as ``isend``/``irecv`` pairs on the default group,
-  addressed by global rank and told apart by a tag that encodes (message kind, replica, stage,
-  micro-batch), so messages between the same two ranks may be in flight in any order. No
+- Activations go forward and gradients backward as ``isend``/``irecv`` pairs addressed by global rank
+  and told apart by a tag that encodes (message kind, replica, stage, micro-batch), so messages between
+  the same two ranks may be in flight in any order on gloo. Backends that ignore tags (NCCL) match
+  messages between two ranks in issue order: each replica's messages therefore travel on their own
+  group (``PipelineGroups.p2p_groups``), where both ends handle them in micro-batch order (the
+  generators run every stage's forwards, and its backwards, in micro-batch order). No
   ``batch_isend_irecv`` (it can hang on gloo). Sends are waited for at the end of the step.
 - Shapes are learned: the first activation sent across a stage boundary for a micro-batch of a given
   shape signature is preceded by a small header (dtype, shape); later ones are not. Both sides key the
@@ -129,12 +132,16 @@ class PipelineRuntime:
                 f"is running a different schedule ({err})."
             ) from err
 
-    def _isend(self, tensor: Tensor, peer: int, tag: int) -> None:
-        self._sends.append((dist.isend(tensor, dst=peer, tag=tag), tensor, peer))
+    def _isend(self, tensor: Tensor, peer: int, tag: int, replica: int) -> None:
+        work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        self._sends.append((work, tensor, peer))
 
-    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, peer: int, tag: int, what: str) -> Tensor:
+    def _recv(
+        self, shape: tuple[int, ...], dtype: torch.dtype, peer: int, tag: int, replica: int, what: str
+    ) -> Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(dist.irecv(buf, src=peer, tag=tag), f"receiving {what}", peer)
+        work = dist.irecv(buf, src=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        self._wait(work, f"receiving {what}", peer)
         return buf
 
     def _send_activation(self, out: Tensor, action: Action, space: int, key: tuple[Any, ...]) -> None:
@@ -146,19 +153,21 @@ class PipelineRuntime:
             header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
             header[0], header[1] = _DTYPES.index(out.dtype), out.dim()
             header[2 : 2 + out.dim()] = torch.tensor(out.shape, dtype=torch.int64)
-            self._isend(header, peer, self._tag(space, _HEAD, *args))
+            self._isend(header, peer, self._tag(space, _HEAD, *args), action.replica)
             self._known.add(key)
-        self._isend(out.detach().contiguous(), peer, self._tag(space, _ACT, *args))
+        self._isend(out.detach().contiguous(), peer, self._tag(space, _ACT, *args), action.replica)
 
     def _recv_activation(self, action: Action, space: int, key: tuple[Any, ...]) -> Tensor:
         peer = self._peer(action.replica, action.stage - 1)
         args = (action.replica, action.stage - 1, action.micro_batch)
         if key not in self._shapes:
-            header = self._recv((_HEADER,), torch.int64, peer, self._tag(space, _HEAD, *args), f"the shape of {action}")
+            header = self._recv(
+                (_HEADER,), torch.int64, peer, self._tag(space, _HEAD, *args), action.replica, f"the shape of {action}"
+            )
             ndim = int(header[1])
             self._shapes[key] = (_DTYPES[int(header[0])], tuple(int(v) for v in header[2 : 2 + ndim]))
         dtype, shape = self._shapes[key]
-        return self._recv(shape, dtype, peer, self._tag(space, _ACT, *args), f"the input of {action}")
+        return self._recv(shape, dtype, peer, self._tag(space, _ACT, *args), action.replica, f"the input of {action}")
 
     def _finish_sends(self) -> None:
         sends, self._sends = self._sends, []
@@ -208,8 +217,8 @@ class PipelineRuntime:
                 grad = None
                 if s < last:
                     peer = self._peer(rep, s + 1)
-                    grad = self._recv(tuple(out.shape), out.dtype, peer, self._tag(_TRAIN, _GRAD, rep, s, m),
-                                      f"the output gradient of {action}")
+                    tag = self._tag(_TRAIN, _GRAD, rep, s, m)
+                    grad = self._recv(tuple(out.shape), out.dtype, peer, tag, rep, f"the output gradient of {action}")
                 send_grad = s > 0 and x.requires_grad
                 if action.kind is ActionKind.BACKWARD:
                     if out.requires_grad:
@@ -224,7 +233,8 @@ class PipelineRuntime:
                 if send_grad:
                     if grad_x is None:
                         grad_x = torch.zeros_like(x)
-                    self._isend(grad_x.contiguous(), self._peer(rep, s - 1), self._tag(_TRAIN, _GRAD, rep, s - 1, m))
+                    tag = self._tag(_TRAIN, _GRAD, rep, s - 1, m)
+                    self._isend(grad_x.contiguous(), self._peer(rep, s - 1), tag, rep)
             elif action.kind is ActionKind.BACKWARD_WEIGHT:
                 x, out, grad = stash.pop(key3)
                 params = [p for p in module.parameters() if p.requires_grad]

@@ -115,15 +115,15 @@ def train_worker(rank: int, world_size: int, cases: list[tuple[str, str, int]], 
 
 def dying_worker(rank: int, world_size: int, mode: str) -> str:
     """Rank 1 leaves (exits or stalls) before sending its gradient; rank 0 must raise, naming rank 1."""
-    groups = build_pipeline_groups(world_size, world_size, timeout_s=3.0)
+    groups = build_pipeline_groups(world_size, world_size, timeout_s=30.0)
     schedule = build_schedule("1f1b", world_size, 2)
     blocks = make_blocks("mlp", world_size)
     modules = {rs: blocks[rs[1]] for rs in schedule.stages_of(groups.pipeline_rank)}
-    runtime = PipelineRuntime(schedule, groups, modules, input_fn, loss_fn, timeout_s=3.0)
+    runtime = PipelineRuntime(schedule, groups, modules, input_fn, loss_fn, timeout_s=2.0)
     x, y = make_batches("mlp", 4)[0]
     if rank == 1:
         if mode == "stall":
-            time.sleep(8.0)
+            time.sleep(5.0)
             return "stalled"
         import os
 

@@ -162,3 +162,20 @@ def test_chimera_zero_bubble_for_a_first_stage_without_input_gradient(d: int, n:
     assert max(result.peak_activations) <= d
     # the textbook order loses to it when the first stage has no input gradient
     assert simulate(build_schedule("chimera-zb", d, n), forward=1, **costs).makespan >= makespan
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "chimera", "chimera-zb"])
+@pytest.mark.parametrize(("d", "n"), [(2, 4), (4, 8), (8, 16)])
+def test_every_stage_sends_in_micro_batch_order(kind: str, d: int, n: int) -> None:
+    """Backends that match messages by order (NCCL) need each stage's forwards and backwards in order."""
+    variants = [build_schedule(kind, d, n)]
+    if kind == "chimera-zb":
+        variants.append(build_schedule(kind, d, n, first_stage_input_gradient=False))
+    if kind == "chimera":
+        variants.append(build_schedule(kind, d, n, forward_doubling=True))
+    for schedule in variants:
+        for order in schedule.actions:
+            for kinds in ({ActionKind.FORWARD}, {ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT}):
+                for replica, stage in schedule.stages_of(schedule.actions.index(order)):
+                    mbs = [a.micro_batch for a in order if a.kind in kinds and (a.replica, a.stage) == (replica, stage)]
+                    assert mbs == sorted(mbs)
