@@ -186,7 +186,7 @@ def profile_blocks(
 
     Block i is run on the output of block i-1 (starting from ``sample_input``); its backward is driven by a
     gradient of ones. Times are medians over ``repeats`` runs after ``warmup`` runs. The blocks'
-    ``.grad`` fields are left as they were.
+    ``.grad`` fields, buffers and the random number generators are left as they were.
 
     Args:
         blocks: the ordered blocks.
@@ -201,6 +201,18 @@ def profile_blocks(
         raise ValueError(f"repeats={repeats} must be at least 1.")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must be >= 0.")
+    # Profiling must leave no trace: buffers (BatchNorm statistics) and random streams are restored.
+    buffers = [(buffer, buffer.detach().clone()) for block in blocks for buffer in block.buffers()]
+    devices = [sample_input.device] if sample_input.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        profiles = _profile(blocks, sample_input, repeats, warmup)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return profiles
+
+
+def _profile(blocks: Sequence[nn.Module], sample_input: torch.Tensor, repeats: int, warmup: int) -> list[BlockProfile]:
     profiles: list[BlockProfile] = []
     x = sample_input.detach()
     for block in blocks:

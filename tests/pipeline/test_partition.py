@@ -124,6 +124,20 @@ class _Sleep(torch.autograd.Function):
         return grad, None
 
 
+def test_profiling_leaves_no_trace() -> None:
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)) for _ in range(2)]
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
+    torch.manual_seed(3)
+    expected_next = torch.rand(3)
+    torch.manual_seed(3)
+    profile_blocks(blocks, torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), repeats=2)
+    torch.testing.assert_close(torch.rand(3), expected_next)
+    for block, saved in zip(blocks, before):
+        for key, value in block.state_dict().items():
+            torch.testing.assert_close(value, saved[key])
+        assert all(p.grad is None for p in block.parameters())
+
+
 def test_profile_partition_finds_the_optimum_on_unequal_blocks() -> None:
     # Equal parameters, very unequal time: only profiling can see the heavy blocks.
     ms = [2.0, 2.0, 2.0, 2.0, 20.0, 2.0, 2.0, 20.0]
