@@ -28,7 +28,7 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -425,11 +425,6 @@ def execution_order(schedule: Schedule) -> list[Action]:
             blocked = [str(o[p]) for o, p in zip(schedule.actions, position) if p < len(o)]
             raise ValueError(f"The schedule deadlocks: every rank waits, next actions {blocked}.")
     return out
-
-
-def iter_compute(actions: Iterable[Action]) -> Iterable[Action]:
-    """The actions that compute (everything but all-reduce points)."""
-    return (a for a in actions if a.kind is not ActionKind.ALL_REDUCE)
 
 
 from lightning_parallel.pipeline.simulate import SimulationResult, simulate  # noqa: E402

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule, execution_order
-
 Cost = float | Sequence[float]
 
 
@@ -88,8 +86,6 @@ def simulate(
         ActionKind.BACKWARD_WEIGHT: bw,
         ActionKind.ALL_REDUCE: [0.0] * d,
     }
-    from lightning_parallel.pipeline.schedule import dependencies
-
     free = [0.0] * d
     busy = [0.0] * d
     times: dict[Action, tuple[float, float]] = {}
@@ -128,3 +124,13 @@ def peak_activations(order: Sequence[Action]) -> int:
         elif action.kind is release:
             held -= 1
     return peak
+
+
+# At the bottom: ``schedule`` re-exports this module's names, so either module may be imported first.
+from lightning_parallel.pipeline.schedule import (  # noqa: E402
+    Action,
+    ActionKind,
+    Schedule,
+    dependencies,
+    execution_order,
+)
