@@ -175,3 +175,20 @@ def test_lossy_codecs_approximate_gradients_and_account_bytes(codec: Codec) -> N
     assert stats.compression_ratio > 4
     assert stats.peak_saved_bytes >= stats.packed_bytes
     assert stats.live_bytes == 0  # everything freed after backward
+
+
+def test_freed_and_reallocated_storage_is_not_mistaken_for_a_saved_one() -> None:
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    compressor = SavedTensorCompressor(ErrorBoundedCodec(1e-4, mode="absolute"), min_numel=1)
+    with compressor:
+        h = x * 2
+        first = h.data_ptr()
+        y1 = h.sin()  # saves h; only its compressed copy survives the next line
+        del h
+        h = x * 3  # the allocator usually hands the same memory back
+        assert h.data_ptr() == first, "the allocator did not reuse the memory: the test checks nothing"
+        y2 = h.sin()
+    (y1.sum() + y2.sum()).backward()
+    expected = 2 * torch.cos(2 * x.detach()) + 3 * torch.cos(3 * x.detach())
+    assert torch.allclose(x.grad, expected, atol=1e-3)  # type: ignore[arg-type]
+    assert compressor.stats.compressed_tensors >= 2
