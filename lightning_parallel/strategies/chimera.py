@@ -133,8 +133,10 @@ class ChimeraStrategy(DDPStrategy):
 
     def _check_schedule(self, stages: int) -> Schedule:
         try:
+            extra = {"first_stage_input_gradient": False} if self.schedule == "chimera-zb" else {}
+            # The first stage's input is data (no input gradient): zero-bubble orders its work for that.
             return build_schedule(
-                self.schedule, stages, self.micro_batches or stages, forward_doubling=self.forward_doubling
+                self.schedule, stages, self.micro_batches or stages, forward_doubling=self.forward_doubling, **extra
             )
         except ValueError as err:
             raise ValueError(

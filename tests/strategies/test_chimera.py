@@ -100,6 +100,7 @@ EXACT = {
     "chimera-D4": (4, 4, "chimera", 4),
     "1f1b-D4": (4, 4, "1f1b", 4),
     "gpipe-D4": (4, 4, "gpipe", 8),
+    "chimera-zb-D4": (4, 4, "chimera-zb", 4),
     "chimera-2xD2": (4, 2, "chimera", 2),
     "1f1b-2xD2": (4, 2, "1f1b", 2),
     "gpipe-2xD2": (4, 2, "gpipe", 4),
