@@ -271,13 +271,19 @@ class CompressedActivationPrecision(Precision):
         return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
 
     @override
-    def clip_gradients(
-        self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: Any = None
-    ) -> None:
-        if gradient_clip_algorithm is None:
-            self.inner.clip_gradients(optimizer, clip_val)
-        else:
-            self.inner.clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        # Precision.clip_gradients dispatches here, so a strategy that replaces these methods on
+        # the plugin (global-norm clipping across pipeline stages) is honoured
+        self.inner.clip_grad_by_value(optimizer, clip_val)
+
+    @override
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        self.inner.clip_grad_by_norm(optimizer, clip_val)
+
+    @property
+    def scaler(self) -> Any:
+        """The inner precision's gradient scaler (``None`` without one)."""
+        return getattr(self.inner, "scaler", None)
 
     @override
     def main_params(self, optimizer: Optimizer) -> Any:

@@ -94,6 +94,10 @@ class _Recording(Precision):
         self.calls.append("optimizer_step")
         return super().optimizer_step(optimizer, model, closure, **kwargs)
 
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
+        self.calls.append("clip_grad_by_norm")
+        super().clip_grad_by_norm(optimizer, clip_val)
+
     def state_dict(self) -> dict[str, Any]:
         return {"recorded": len(self.calls)}
 
@@ -101,9 +105,10 @@ class _Recording(Precision):
 def test_delegates_to_any_inner_precision_and_mixed_precision() -> None:
     inner = _Recording()
     plugin = CompressedActivationPrecision(inner)
-    _fit(plugin, steps=2)
-    assert {"convert_module", "train_step_context", "optimizer_step"} <= set(inner.calls)
+    _fit(plugin, steps=2, gradient_clip_val=1.0)
+    assert {"convert_module", "train_step_context", "optimizer_step", "clip_grad_by_norm"} <= set(inner.calls)
     assert plugin.state_dict()["inner"] == {"recorded": len(inner.calls)}
+    assert CompressedActivationPrecision("16-mixed").scaler is not None
     bf16 = CompressedActivationPrecision("bf16-mixed")
     assert bf16.precision == "bf16-mixed"
     trainer, _ = _fit(bf16, steps=2)
