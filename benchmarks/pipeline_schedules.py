@@ -163,7 +163,9 @@ def _run_ours(kind: str, rank: int, d: int, n: int, groups: Any, cfg: dict[str, 
     times = _timed(step, cfg)
     bin_ = [0.0] + [t] * (d - 1)
     bw = [2 * t] + [t] * (d - 1)
-    predicted = simulate(schedule, forward=t, backward=2 * t, backward_input=bin_, backward_weight=bw).efficiency
+    predicted = None
+    if not cfg["real"]:
+        predicted = simulate(schedule, forward=t, backward=2 * t, backward_input=bin_, backward_weight=bw).efficiency
     return _record(kind, "lightning_parallel", d, n, times, predicted, cfg)
 
 
