@@ -194,16 +194,15 @@ class PipelineSteps:
         dp = self.strategy.data_parallel_size
         names = self._names("train", records)
         # [loss, metric sums..., examples] summed over every rank: one all-reduce per step.
-        vector = torch.zeros(len(names) + 2, dtype=torch.float64)
-        vector[0] = float(local_loss.detach()) / dp
+        sums = [float(local_loss.detach()) / dp] + [0.0] * len(names)
         for examples, values in records:
             for i, name in enumerate(names):
-                vector[1 + i] += float(values[name]) * examples / (size * dp)
-        dist.all_reduce(vector)
-        loss = torch.tensor(float(vector[0]), device=self.strategy.root_device)
+                sums[1 + i] += float(values[name]) * examples / (size * dp)
+        totals = self._all_reduce(sums)
+        loss = torch.tensor(totals[0], device=self.strategy.root_device)
         self.module.log("train_loss", loss, prog_bar=True, batch_size=size * dp)
         for i, name in enumerate(names):
-            self.module.log(f"train_{name}", float(vector[1 + i]), prog_bar=True, batch_size=size * dp)
+            self.module.log(f"train_{name}", totals[1 + i], prog_bar=True, batch_size=size * dp)
         return loss
 
     def install_gradients(self) -> None:
@@ -236,12 +235,9 @@ class PipelineSteps:
         """Scale this rank's gradients so that the norm over all stages (each counted once) is <= max_norm."""
         if self.groups is None:
             return
-        squares = torch.zeros((), dtype=torch.float64)
-        for p in self.owner_params:
-            if p.grad is not None:
-                squares += p.grad.detach().double().pow(2).sum().cpu()
-        dist.all_reduce(squares, group=self.groups.pipeline_group)
-        coefficient = max_norm / (float(squares.sqrt()) + 1e-6)
+        squares = sum(float(p.grad.detach().double().pow(2).sum()) for p in self.owner_params if p.grad is not None)
+        (total,) = self._all_reduce([squares], group=self.groups.pipeline_group)
+        coefficient = max_norm / (total**0.5 + 1e-6)
         if coefficient < 1.0:
             for p in self.params:
                 if p.grad is not None:
@@ -264,18 +260,24 @@ class PipelineSteps:
                     metrics = {"loss": self.module.pipeline_loss(output, micro_batch)}  # type: ignore[operator]
                 records.append((batch_size(micro_batch), {k: v.detach().float() for k, v in metrics.items()}))
         names = self._names(split, records)
-        vector = torch.zeros(len(names) + 1, dtype=torch.float64)
+        sums = [0.0] * (len(names) + 1)
         for size, values in records:
             for i, name in enumerate(names):
-                vector[i] += float(values[name]) * size
-            vector[-1] += size
-        dist.all_reduce(vector)
-        total = float(vector[-1])
-        results = {name: float(vector[i]) / total for i, name in enumerate(names)}
+                sums[i] += float(values[name]) * size
+            sums[-1] += size
+        totals = self._all_reduce(sums)
+        total = totals[-1]
+        results = {name: totals[i] / total for i, name in enumerate(names)}
         for name, value in results.items():
             # Equal on every rank already; sync_dist only reduces once at epoch end and keeps Lightning quiet.
             self.module.log(f"{split}_{name}", value, prog_bar=True, batch_size=int(total), sync_dist=True)
         return torch.tensor(results.get("loss", 0.0), device=self.strategy.root_device)
+
+    def _all_reduce(self, values: list[float], group: Any = None) -> list[float]:
+        # On the strategy's device so that NCCL groups work too.
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.strategy.root_device)
+        dist.all_reduce(tensor, group=group)
+        return [float(v) for v in tensor.tolist()]
 
     def _names(self, split: str, records: Sequence[tuple[int, dict[str, Tensor]]]) -> list[str]:
         # Only ranks holding a last stage see metrics: agree on their names once per split.

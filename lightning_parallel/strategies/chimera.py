@@ -226,13 +226,12 @@ class ChimeraStrategy(DDPStrategy):
         blocks = steps.blocks
         d, n = self.num_stages, self.num_micro_batches
         if self.partition == "profile":
-            sizes_tensor = torch.zeros(d, dtype=torch.long)
+            sizes_tensor = torch.zeros(d, dtype=torch.long, device=self.root_device)
             if self.global_rank == 0:
                 sample = steps.module.pipeline_input(split_evenly(batch, n)[0])  # type: ignore[operator]
                 profiles = profile_blocks(blocks, sample)
-                sizes_tensor = torch.tensor(
-                    partition_blocks(blocks, d, "profile", profiles=profiles), dtype=torch.long
-                )
+                sizes = partition_blocks(blocks, d, "profile", profiles=profiles)
+                sizes_tensor = torch.tensor(sizes, dtype=torch.long, device=self.root_device)
             dist.broadcast(sizes_tensor, src=0)
             sizes = [int(s) for s in sizes_tensor]
         else:
