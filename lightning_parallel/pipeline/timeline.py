@@ -150,14 +150,31 @@ def schedule_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", type=float, default=1.0, help="forward time of one micro-batch")
     parser.add_argument("--backward", type=float, default=2.0, help="backward time (split evenly into I and W)")
     parser.add_argument("--transfer", type=float, default=0.0, help="time of one hand-off between ranks")
+    parser.add_argument(
+        "--first-stage-without-input-gradient",
+        action="store_true",
+        help="the first stage's input needs no gradient: its whole backward is weight-gradient work "
+        "(chimera-zb orders for it)",
+    )
     parser.add_argument("--png", default=None, help="also draw the timeline into this PNG file (plot extra)")
     args = parser.parse_args(argv)
     try:
         micro_batches = args.micro_batches if args.micro_batches is not None else args.stages
+        no_input_gradient = args.first_stage_without_input_gradient
+        extra = {"first_stage_input_gradient": False} if no_input_gradient and args.kind == "chimera-zb" else {}
         schedule = build_schedule(
-            args.kind, args.stages, micro_batches, forward_doubling=args.forward_doubling
+            args.kind, args.stages, micro_batches, forward_doubling=args.forward_doubling, **extra
         )
-        result = simulate(schedule, forward=args.forward, backward=args.backward, transfer=args.transfer)
+        costs: dict[str, list[float]] = {}
+        if no_input_gradient and args.stages > 1:
+            half = args.backward / 2
+            costs = {
+                "backward_input": [0.0] + [half] * (args.stages - 1),
+                "backward_weight": [args.backward] + [half] * (args.stages - 1),
+            }
+        result = simulate(
+            schedule, forward=args.forward, backward=args.backward, transfer=args.transfer, **costs
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -89,3 +89,11 @@ def test_schedule_command_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "stages=3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         schedule_command(["--kind", "zigzag"])
+
+
+def test_schedule_command_for_a_first_stage_without_input_gradient(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--kind", "chimera-zb", "--stages", "4", "--first-stage-without-input-gradient"]
+    assert schedule_command(argv) == 0
+    assert "makespan 13  efficiency 0.923" in capsys.readouterr().out
+    assert schedule_command(["--kind", "chimera-zb", "--stages", "4"]) == 0
+    assert "makespan 13  efficiency 0.923" in capsys.readouterr().out
