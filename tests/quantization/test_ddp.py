@@ -29,7 +29,7 @@ def _worker(rank: int, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_ddp_ranks_agree_on_quantizer_state() -> None:
-    results = run_distributed(_worker, 2)
+    results = run_distributed(_worker, 2, timeout=300.0)  # generous: spawning is slow on a loaded machine
     for key, value in results[0]["quantizers"].items():
         torch.testing.assert_close(results[1]["quantizers"][key], value, msg=key)
     for key, value in results[0]["weights"].items():
