@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
 from lightning_parallel.pipeline.schedule import build_schedule, simulate
+from lightning_parallel.pipeline.timeline import gather_traces, render_text
 
 OURS = ("gpipe", "1f1b", "chimera", "chimera-zb")
 TORCH = ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble", "ScheduleDualPipeV")
@@ -161,6 +162,11 @@ def _run_ours(kind: str, rank: int, d: int, n: int, groups: Any, cfg: dict[str, 
         runtime.train_step(micro_batches)
 
     times = _timed(step, cfg)
+    if cfg["trace"]:
+        traces = gather_traces(runtime.trace)  # the last timed step, measured
+        if rank == 0:
+            path = Path(f"{cfg['trace']}-{kind}-D{d}-N{n}.txt")
+            path.write_text(render_text(traces, quantum=t / 2 if not cfg["real"] else None) + "\n")
     bin_ = [0.0] + [t] * (d - 1)
     bw = [2 * t] + [t] * (d - 1)
     predicted = None
@@ -399,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers-per-rank", type=int, default=2, help="--real: transformer blocks per rank (even: split over two stages)"
     )
+    parser.add_argument("--trace", default=None, help="write measured text timelines of our schedules to PREFIX-*.txt")
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run")
     parser.add_argument("--torch", default=",".join(TORCH), help="torch schedules to run ('' for none)")
     args = parser.parse_args(argv)
@@ -417,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers_per_rank": args.layers_per_rank,
         "ours": [k for k in args.ours.split(",") if k],
         "torch": [k for k in args.torch.split(",") if k],
+        "trace": args.trace,
         "timeout": 120.0,
         "point_timeout": 600.0,
     }

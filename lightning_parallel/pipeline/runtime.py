@@ -21,6 +21,8 @@ Design decisions:
 - Chimera: at an ``R`` action, the gradients of that (replica, stage) are flattened into one buffer and
   all-reduced (sum) asynchronously over the stage's group (the two ranks holding its copies); the step
   waits for them at its end and copies the sums back, so both copies hold identical full gradients.
+- ``trace`` records each action's (start, end) in seconds since the step began, starting after the
+  action's input arrived, so waiting shows as idle time.
 - A receive, send or all-reduce that does not complete within ``timeout_s`` (or whose peer's connection
   closed) raises a ``RuntimeError`` naming the peer.
 
@@ -201,6 +203,7 @@ class PipelineRuntime:
                     x = self.input_fn(mb)
                 else:
                     x = self._recv_activation(action, _TRAIN, (rep, s - 1, _signature(mb)))
+                    start = time.perf_counter() - t0  # the trace shows compute, not the wait
                     if x.is_floating_point():
                         x.requires_grad_(True)
                 out = module(x)
@@ -219,6 +222,7 @@ class PipelineRuntime:
                     peer = self._peer(rep, s + 1)
                     tag = self._tag(_TRAIN, _GRAD, rep, s, m)
                     grad = self._recv(tuple(out.shape), out.dtype, peer, tag, rep, f"the output gradient of {action}")
+                    start = time.perf_counter() - t0
                 send_grad = s > 0 and x.requires_grad
                 if action.kind is ActionKind.BACKWARD:
                     if out.requires_grad:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Action, ActionKind, Schedule, build_schedule
 from lightning_parallel.pipeline.simulate import SimulationResult, simulate
@@ -39,6 +40,25 @@ def schedule_timeline(schedule: Schedule, result: SimulationResult) -> list[list
                 start, end = result.times[action]
                 out[r].append((action, start, end))
     return out
+
+
+def gather_traces(
+    trace: Sequence[tuple[Action, float, float]], group: Any = None
+) -> list[list[tuple[Action, float, float]]]:
+    """Collect every pipeline rank's measured ``PipelineRuntime.trace`` (collective over ``group``).
+
+    Each rank's times are relative to its own step start; ranks start a step within a barrier's skew of each
+    other, so call it after steps that began with a barrier for a faithful picture.
+
+    Args:
+        trace: this rank's ``PipelineRuntime.trace``.
+        group: the pipeline's process group (default: the world); its ranks are ordered by pipeline rank.
+    """
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, [(a, float(s), float(e)) for a, s, e in trace], group=group)
+    return [list(rank) for rank in gathered]
 
 
 def _label(action: Action, width: int) -> str:
@@ -70,6 +90,8 @@ def render_text(timeline: Timeline, *, quantum: float | None = None, cell: int =
     for r, rank in enumerate(timeline):
         row = ["." * cell] * columns
         for action, start, end in rank:
+            if action.kind is ActionKind.ALL_REDUCE:
+                continue  # asynchronous, takes no rank time
             first = min(columns - 1, round(start / quantum))
             last = max(first + 1, min(columns, round(end / quantum)))
             row[first] = _label(action, cell)
@@ -99,6 +121,8 @@ def render_png(timeline: Timeline, path: str, *, title: str = "", time_unit: str
     fig, ax = plt.subplots(figsize=(12, 0.5 * ranks + 1.2))
     for r, rank in enumerate(timeline):
         for action, start, end in rank:
+            if action.kind is ActionKind.ALL_REDUCE:
+                continue
             color = _COLORS[action.kind][action.replica]
             ax.broken_barh([(start, end - start)], (r - 0.4, 0.8), facecolors=color, edgecolors="black", linewidth=0.5)
             ax.text((start + end) / 2, r, str(action.micro_batch), ha="center", va="center", fontsize=7)
@@ -106,7 +130,7 @@ def render_png(timeline: Timeline, path: str, *, title: str = "", time_unit: str
     ax.invert_yaxis()
     ax.set_xlabel(f"time ({time_unit})")
     ax.set_title(title)
-    kinds = sorted({a.kind for rank in timeline for a, _, _ in rank}, key=lambda k: k.value)
+    kinds = sorted({a.kind for rank in timeline for a, _, _ in rank} - {ActionKind.ALL_REDUCE}, key=lambda k: k.value)
     replicas = sorted({a.replica for rank in timeline for a, _, _ in rank})
     handles = [
         Patch(facecolor=_COLORS[k][rep], label=f"{k.name.lower()}{' (up)' if rep else ''}")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
 from lightning_parallel.pipeline.schedule import build_schedule
+from lightning_parallel.pipeline.timeline import gather_traces
 
 LR = 0.1
 STEPS = 3
@@ -105,6 +106,8 @@ def train_worker(rank: int, world_size: int, cases: list[tuple[str, str, int]], 
             dist.all_reduce(loss, group=groups.pipeline_group)
             losses.append(float(loss))
             opt.step()
+        traces = gather_traces(runtime.trace, groups.pipeline_group)
+        assert [len(t) for t in traces] == [len(a) for a in schedule.actions]
         x0 = make_batches(model, batch)[0]
         outs = runtime.forward_only(split(x0, n))
         # numpy, not tensors: tensors would travel as shared-memory handles that die with the worker
