@@ -7,6 +7,7 @@ from typing import Any
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_parallel.strategies.chimera import ChimeraStrategy
+from lightning_parallel.strategies.interlocking import InterlockingBackpropStrategy
 
 
 def _register(name: str, strategy: type, description: str, **init_params: Any) -> None:
@@ -19,4 +20,6 @@ _register("chimera", ChimeraStrategy, "Chimera bidirectional pipeline over all p
 _register("pipeline_1f1b", ChimeraStrategy, "1F1B pipeline over all processes", schedule="1f1b")
 _register("pipeline_gpipe", ChimeraStrategy, "GPipe pipeline over all processes", schedule="gpipe")
 
-__all__: list[str] = ["ChimeraStrategy"]
+_register("interlocking", InterlockingBackpropStrategy, "Interlocking backprop (k-wise local losses), one stage per process")
+
+__all__: list[str] = ["ChimeraStrategy", "InterlockingBackpropStrategy"]

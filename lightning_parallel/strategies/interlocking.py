@@ -1,0 +1,403 @@
+"""InterlockingBackpropStrategy: depthwise model parallelism trained with k-wise local losses.
+
+Design decisions:
+
+- Launching, the default process group and samplers come from :class:`DDPStrategy` (``popen`` launcher by
+  default); the module is never wrapped in ``DistributedDataParallel``. Every rank reads the same batch and
+  holds ``stages / world_size`` contiguous stages; with one process every stage runs in that process
+  (single-process mode, for CPU experiments), with identical results.
+- The auxiliary heads are built in ``setup`` (the module's ``pipeline_aux_head`` hook, else pool + linear
+  for image features, linear for token features) from the shapes of one sample batch, and attached to the
+  LightningModule as the submodule ``interlocking_heads`` (an ``nn.ModuleList``) *before*
+  ``configure_optimizers`` runs, so ``self.parameters()`` (and so the optimizer) covers them. Every rank
+  starts from global rank 0's weights, heads included.
+- Every rank keeps the whole module and the whole optimizer, but only its stages (and their heads) get
+  gradients; the optimizer skips parameters without one.
+- The schedule runs inside ``training_step``; the module's own ``training_step`` is not called. Lightning
+  zeroes gradients between ``training_step`` and ``backward``, so the gradients are set aside and installed
+  in ``backward`` (which runs no autograd).
+- Logging: ``train_loss`` (the true loss) and ``train_head{j}_loss`` for every auxiliary head; validation
+  and test log ``val_<metric>`` of the final output (from ``pipeline_metrics``, else the loss) and
+  ``val_head{j}_<metric>`` of every head (usable for early exit). With several processes the step's losses
+  are all-reduced asynchronously and logged one step later, so that no rank waits for the last stage
+  (there is no global flush between steps); in single-process mode they are logged at once.
+- At the end of ``fit`` every rank's module is made complete again (each stage broadcast from its owner).
+- Checkpoints are full and load on one device: ``state_dict`` is the module's own (stages gathered from
+  their owners, heads left out), so ``YourModule.load_from_checkpoint(path)`` works; the heads are saved
+  under ``checkpoint["interlocking"]["heads"]``; the optimizer state is the whole module's (heads
+  included), gathered from the owners of each parameter. Resuming restores everything exactly.
+- Gradient clipping by norm is per rank (the norm of the rank's own stages' gradients): stages are trained
+  by different losses, so there is no single gradient to measure.
+
+This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.interlocking_runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
+from lightning_parallel.pipeline.interlocking_heads import split_trunk
+from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
+from lightning_parallel.pipeline.protocol import batch_size, check_pipeline_protocol, split_batch
+from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
+
+HEADS_ATTRIBUTE = "interlocking_heads"
+
+
+class InterlockingBackpropStrategy(DDPStrategy):
+    """Interlocking backprop (Gomez et al. 2022): stage ``j`` is trained by the loss ``k - 1`` stages ahead.
+
+    Args:
+        k: interlocking width, ``1 <= k <= stages``: ``1`` is local learning (every stage trained by its own
+            auxiliary head), ``stages`` is end-to-end backprop. Default 2.
+        stages: number of stages S. ``None`` (default) uses one stage per process; in single-process mode
+            (``devices=1``) give it explicitly. Must be a multiple of the world size.
+        micro_batches: micro-batches per optimizer step (the batch is split into that many equal parts).
+            Default 4.
+        balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
+        timeout_s: seconds a rank waits for a peer (process group and transfers). Default 300.
+        start_method: process launch: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
+            ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
+            ``process_group_backend``).
+    """
+
+    strategy_name = "interlocking"
+
+    def __init__(
+        self,
+        k: int = 2,
+        stages: int | None = None,
+        micro_batches: int = 4,
+        *,
+        balance: Sequence[int] | None = None,
+        timeout_s: float = 300.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
+        super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(
+                f"k={k!r} must be an integer >= 1 (1 = local learning, k = stages = end-to-end)."
+            )
+        if stages is not None and (not isinstance(stages, int) or stages < 1):
+            raise ValueError(f"stages={stages!r} must be a positive number of stages, e.g. 4.")
+        if stages is not None:
+            check_width(k, stages)
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer, e.g. 4.")
+        if balance is not None:
+            balance = [int(b) for b in balance]
+            if stages is not None and len(balance) != stages:
+                raise ValueError(
+                    f"balance={balance} lists {len(balance)} stages but stages={stages}; give one block count "
+                    "per stage."
+                )
+        self.k = k
+        self.stages = stages
+        self.micro_batches = micro_batches
+        self.balance = balance
+        self.timeout_s = float(timeout_s)
+        self.runtime: InterlockingRuntime | None = None
+        self._stash: list[tuple[Tensor, Tensor]] = []
+        self._pending_losses: list[tuple[Any, Tensor]] = []
+        self._loss_group: Any = None
+        self._held_modules: list[nn.Module] = []
+        self._stage_owners: list[tuple[nn.Module, int]] = []
+
+    # ------------------------------------------------------------------ shape of the job
+    @property
+    def num_stages(self) -> int:
+        """S: the explicit ``stages`` or one per process."""
+        return self.stages if self.stages is not None else self.world_size
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}  # every rank reads the same batch
+
+    @override
+    def _configure_launcher(self) -> None:
+        world = self.num_processes * self.num_nodes
+        stages = self.stages if self.stages is not None else world
+        stages_of_rank(0, world, stages)  # ValueError when the stages do not fit the world size
+        check_width(self.k, stages)
+        if self.balance is not None and len(self.balance) != stages:
+            raise ValueError(
+                f"balance={self.balance} lists {len(self.balance)} stages but there are {stages}; give one "
+                "block count per stage."
+            )
+        super()._configure_launcher()
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if self.accelerator is None:
+            raise RuntimeError("InterlockingBackpropStrategy.setup called before an accelerator was set.")
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("InterlockingBackpropStrategy.setup called without a LightningModule.")
+        check_pipeline_protocol(module, who=type(self).__name__)
+        if not module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__} runs the optimization itself; {type(module).__name__} sets "
+                "automatic_optimization=False. Use automatic optimization (the default)."
+            )
+        stages = self.num_stages
+        check_width(self.k, stages)
+        held = stages_of_rank(self.global_rank, self.world_size, stages)
+        self.model_to_device()
+        protocol: Any = module  # implements the pipeline protocol (checked above)
+        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), balance=self.balance)
+        existing = getattr(module, HEADS_ATTRIBUTE, None)
+        if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
+            heads = list(existing)  # set up before (fit, then validate): keep the trained heads
+        else:
+            module.add_module(HEADS_ATTRIBUTE, nn.ModuleList(heads).to(self.root_device))
+        if self.world_size > 1:
+            broadcast_tensors(module_tensors([module]), src=0)
+            self._loss_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self.runtime = InterlockingRuntime(
+            InterlockingPlan(stages, self.k),
+            stage_blocks,
+            heads,
+            protocol.pipeline_input,
+            protocol.pipeline_loss,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            timeout_s=self.timeout_s,
+        )
+        self._held_modules = [stage_blocks[s] for s in held] + [heads[s] for s in held if s < stages - 1]
+        self._stage_owners = [(stage_blocks[s], s * self.world_size // stages) for s in range(stages)] + [
+            (heads[s], s * self.world_size // stages) for s in range(stages - 1)
+        ]
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use "
+                "precision='bf16-mixed' or '32-true'."
+            )
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+        _optimizers_to_device(self.optimizers, self.root_device)
+
+    @staticmethod
+    def _sample_batch(trainer: pl.Trainer) -> Any:
+        """One batch of the data the run starts with (to size the heads), without touching the global RNG."""
+        loops: dict[Any, Any] = {
+            TrainerFn.FITTING: trainer.fit_loop,
+            TrainerFn.VALIDATING: trainer.validate_loop,
+            TrainerFn.TESTING: trainer.test_loop,
+        }
+        loop = loops.get(trainer.state.fn)
+        try:
+            loaders = loop._data_source.dataloader()  # type: ignore[union-attr]
+            if isinstance(loaders, Mapping):
+                loaders = next(iter(loaders.values()))
+            if isinstance(loaders, Sequence):
+                loaders = loaders[0]
+            with torch.random.fork_rng(devices=[]):
+                return next(iter(loaders))
+        except Exception as error:
+            raise RuntimeError(
+                "InterlockingBackpropStrategy needs one batch of the run's dataloader during setup to size the "
+                f"auxiliary heads, and could not get it ({type(error).__name__}: {error}). Pass the data to "
+                "trainer.fit/validate/test as a DataLoader or a LightningDataModule."
+            ) from error
+
+    # ------------------------------------------------------------------ steps
+    def _require_runtime(self) -> InterlockingRuntime:
+        if self.runtime is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up; run it through a Trainer.")
+        return self.runtime
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        batch = args[0] if args else kwargs["batch"]
+        runtime = self._require_runtime()
+        module = self.lightning_module
+        # Lightning zeroes (or, when accumulating, keeps) the gradients after training_step; the step's own
+        # gradients are computed apart from them and added in backward.
+        params = list(module.parameters())  # type: ignore[union-attr]
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        with self.precision_plugin.train_step_context():
+            losses = runtime.train_step(split_batch(batch, self.micro_batches))
+        self._stash = [(p, p.grad) for p in params if p.grad is not None]
+        for p, grad in zip(params, previous):
+            p.grad = grad
+        vector = torch.zeros(self.num_stages)
+        for stage, loss in losses.items():
+            vector[stage] = loss
+        if self.world_size > 1:
+            handle = dist.all_reduce(vector, group=self._loss_group, async_op=True)
+            self._pending_losses.append((handle, vector))
+            if len(self._pending_losses) < 2:
+                return torch.zeros(())
+            handle, vector = self._pending_losses.pop(0)
+            handle.wait()
+        size = batch_size(batch)
+        module.log("train_loss", vector[-1], prog_bar=True, batch_size=size)  # type: ignore[union-attr]
+        for stage in range(self.num_stages - 1):
+            module.log(f"train_head{stage}_loss", vector[stage], batch_size=size)  # type: ignore[union-attr]
+        return vector[-1]
+
+    @override
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        # The runtime already ran the backward passes inside training_step: install its gradients.
+        scale = 1.0 / max(1, self.lightning_module.trainer.accumulate_grad_batches)  # type: ignore[union-attr]
+        for p, grad in self._stash:
+            grad = grad * scale if scale != 1.0 else grad
+            p.grad = grad if p.grad is None else p.grad + grad
+        self._stash = []
+        return closure_loss
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._evaluate(args[0] if args else kwargs["batch"], "val")
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._evaluate(args[0] if args else kwargs["batch"], "test")
+
+    def _evaluate(self, batch: Any, split: str) -> Tensor:
+        runtime = self._require_runtime()
+        module = self.lightning_module
+        metrics_fn: Any = getattr(module, "pipeline_metrics", None)
+        if not callable(metrics_fn):
+            loss_fn: Any = getattr(module, "pipeline_loss")  # noqa: B009 - typed as Any on purpose
+
+            def loss_only(output: Tensor, micro_batch: Any) -> dict[str, Tensor]:
+                return {"loss": loss_fn(output, micro_batch)}
+
+            metrics_fn = loss_only
+
+        size = batch_size(batch)
+        chunks = self.micro_batches if size % self.micro_batches == 0 else 1
+        with self.precision_plugin.val_step_context():
+            results = runtime.evaluate(split_batch(batch, chunks), metrics_fn)
+        names = sorted(next(iter(results.values())))
+        table = torch.zeros(self.num_stages, len(names))
+        for stage, values in results.items():
+            table[stage] = torch.stack([values[name].float() for name in names])
+        if self.world_size > 1:
+            dist.all_reduce(table, group=self._loss_group)
+        for column, name in enumerate(names):
+            module.log(f"{split}_{name}", table[-1, column], prog_bar=True, batch_size=size)  # type: ignore[union-attr]
+            for stage in range(self.num_stages - 1):
+                module.log(f"{split}_head{stage}_{name}", table[stage, column], batch_size=size)  # type: ignore[union-attr]
+        return table[-1, names.index("loss")] if "loss" in names else table[-1, 0]
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not run predict; load the checkpoint into a plain module "
+            "(`YourModule.load_from_checkpoint(path)`) and predict on one device or under DDP."
+        )
+
+    @override
+    def on_train_end(self) -> None:
+        # Hand back a complete module on every rank (each rank trained only its own stages).
+        self._sync_full_module()
+
+    @override
+    def teardown(self) -> None:
+        if self.runtime is not None and self.world_size > 1 and dist.is_initialized():
+            for handle, _ in self._pending_losses:
+                handle.wait()
+            self.runtime.finish()
+        self._pending_losses = []
+        super().teardown()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    def _sync_full_module(self) -> None:
+        """Make every rank's copy of every stage and head equal to its owner's (collective)."""
+        if self.world_size == 1 or self.runtime is None:
+            return
+        for module, owner in self._stage_owners:
+            tensors = module_tensors([module])
+            if tensors:
+                broadcast_tensors(tensors, src=owner)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._sync_full_module()
+        state = super().lightning_module_state_dict()
+        return {key: value for key, value in state.items() if not key.startswith(HEADS_ATTRIBUTE + ".")}
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = optimizer.state_dict()
+        if self.world_size == 1 or self.runtime is None:
+            return state
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        mine = {id(p) for module in self._held_modules for p in module.parameters()}
+        local = {index: value for index, value in state["state"].items() if id(params[index]) in mine}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local, group=self._loss_group)
+        merged: dict[int, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        return {"state": dict(sorted(merged.items())), "param_groups": state["param_groups"]}
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        heads = getattr(self.lightning_module, HEADS_ATTRIBUTE, None)
+        checkpoint["interlocking"] = {
+            "k": self.k,
+            "stages": self.num_stages,
+            "heads": {}
+            if heads is None
+            else {key: value.detach().cpu() for key, value in heads.state_dict().items()},
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        if module is None:
+            return
+        result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith(HEADS_ATTRIBUTE + ".")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"The checkpoint does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
+                f"{result.unexpected_keys}."
+            )
+        saved = checkpoint.get("interlocking")
+        heads = getattr(module, HEADS_ATTRIBUTE, None)
+        if saved is not None and heads is not None:
+            if saved.get("stages") != self.num_stages:
+                raise ValueError(
+                    f"The checkpoint was written with stages={saved.get('stages')} (its auxiliary heads belong to "
+                    f"those stages) but this run has stages={self.num_stages}; resume with "
+                    f"stages={saved.get('stages')}, or start from its weights with `YourModule.load_from_checkpoint`."
+                )
+            heads.load_state_dict(saved["heads"])

@@ -1,0 +1,221 @@
+"""InterlockingBackpropStrategy under the Trainer: end-to-end equality, the plain loop, logging, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_parallel.models import ResNetClassifier
+from lightning_parallel.pipeline.interlocking import InterlockingPlan
+from lightning_parallel.pipeline.interlocking_heads import split_trunk
+from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
+from lightning_parallel.pipeline.protocol import split_batch
+from lightning_parallel.strategies import InterlockingBackpropStrategy
+from tests.helpers.distributed import run_distributed
+
+BATCH = 16
+
+
+def _model() -> ResNetClassifier:
+    torch.manual_seed(0)
+    return ResNetClassifier(widths=(4, 8, 16, 32), norm="group", lr=1e-2, optimizer="adam")
+
+
+def _data(batches: int = 2, seed: int = 1) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * BATCH, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (batches * BATCH,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def _trainer(strategy: Any = "auto", devices: int = 1, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "use_distributed_sampler": False,  # keep the loader's order, as single-device training does
+    }
+    options.update(kwargs)
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, **options)
+
+
+def _trunk(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("interlocking_heads.")}
+
+
+def _assert_close(a: dict[str, Any], b: dict[str, Any], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(
+            torch.as_tensor(a[key]), torch.as_tensor(b[key]), rtol=0, atol=atol, msg=key
+        )
+
+
+def test_k_equals_stages_is_end_to_end_training_and_heads_are_optimized() -> None:
+    model, reference = _model(), _model()
+    trainer = _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4), max_epochs=2)
+    trainer.fit(model, _data())
+    _trainer(max_epochs=2).fit(reference, _data())
+    _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
+    heads = model.interlocking_heads
+    assert isinstance(heads, nn.ModuleList) and len(heads) == 3
+    in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) in in_optimizer for p in heads.parameters())
+    assert all(trainer.optimizers[0].state[p] for p in heads.parameters())  # Adam stepped them
+
+
+def test_trainer_path_equals_the_plain_loop_of_the_benchmark() -> None:
+    class Recording(InterlockingBackpropStrategy):
+        def setup(self, trainer: pl.Trainer) -> None:
+            super().setup(trainer)
+            self.initial_heads = copy.deepcopy(self.lightning_module.interlocking_heads.state_dict())
+
+    model, plain = _model(), _model()
+    strategy = Recording(k=2, stages=4, micro_batches=2)
+    _trainer(strategy).fit(model, _data())
+    loader = _data()
+    stage_blocks, heads = split_trunk(plain, 4, next(iter(loader)))
+    nn.ModuleList(heads).load_state_dict(strategy.initial_heads)
+    runtime = InterlockingRuntime(
+        InterlockingPlan(4, 2), stage_blocks, heads, plain.pipeline_input, plain.pipeline_loss
+    )
+    params = [*plain.parameters(), *(p for h in heads for p in h.parameters())]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for batch in loader:
+        optimizer.zero_grad(set_to_none=True)
+        runtime.train_step(split_batch(batch, 2))
+        optimizer.step()
+    _assert_close(_trunk(model), _trunk(plain), atol=1e-6)
+    for mine, theirs in zip(model.interlocking_heads, heads):
+        _assert_close(mine.state_dict(), theirs.state_dict(), atol=1e-6)
+
+
+def test_logs_the_true_loss_and_every_heads_loss_and_metrics() -> None:
+    trainer = _trainer(InterlockingBackpropStrategy(k=2, stages=4, micro_batches=2), limit_val_batches=1)
+    trainer.fit(_model(), _data(), _data(1, seed=5))
+    names = set(trainer.callback_metrics)
+    assert {"train_loss", "val_loss", "val_acc"} <= names
+    assert {f"train_head{j}_loss" for j in range(3)} <= names
+    assert {f"val_head{j}_{m}" for j in range(3) for m in ("loss", "acc")} <= names
+
+
+def _fit_resume(tmp: str, devices: int) -> dict[str, Any]:
+    """Two epochs straight vs one epoch, a checkpoint, and a resumed second epoch (k=2, 4 stages)."""
+
+    def strategy() -> InterlockingBackpropStrategy:
+        return InterlockingBackpropStrategy(k=2, stages=4, micro_batches=2)
+
+    full = _model()
+    trainer = _trainer(strategy(), devices, max_epochs=2, limit_val_batches=1)
+    trainer.fit(full, _data(), _data(1, seed=5))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    first = _model()
+    trainer = _trainer(strategy(), devices, max_epochs=1)
+    trainer.fit(first, _data())
+    path = os.path.join(tmp, f"first-{devices}.ckpt")
+    trainer.save_checkpoint(path)
+    resumed = _model()
+    _trainer(strategy(), devices, max_epochs=2).fit(resumed, _data(), ckpt_path=path)
+    trainer.strategy.barrier()
+    as_numpy = {k: v.numpy() for k, v in _trunk(full).items()}
+    return {
+        "full": as_numpy,
+        "heads": {k: v.numpy() for k, v in full.interlocking_heads.state_dict().items()},
+        "resumed": {k: v.numpy() for k, v in _trunk(resumed).items()},
+        "metrics": metrics,
+        "path": path,
+    }
+
+
+def _distributed(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out = _fit_resume(tmp, world_size)
+    # a full checkpoint: every rank's copy of the trunk equals the owners' after saving
+    return out if rank == 0 else {}
+
+
+@pytest.fixture(scope="module")
+def single_and_distributed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    tmp = str(tmp_path_factory.mktemp("interlocking"))
+    torch.set_num_threads(1)
+    single = _fit_resume(tmp, 1)
+    distributed = run_distributed(_distributed, 2, tmp, timeout=300)[0]
+    return single, distributed
+
+
+def test_distributed_equals_single_process(
+    single_and_distributed: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    single, distributed = single_and_distributed
+    _assert_close(distributed["full"], single["full"], atol=1e-5)
+    _assert_close(distributed["heads"], single["heads"], atol=1e-5)
+    for name in ("val_loss", "val_acc", "val_head0_acc", "val_head2_loss"):
+        assert distributed["metrics"][name] == pytest.approx(single["metrics"][name], abs=1e-5), name
+
+
+def test_resume_is_exact(single_and_distributed: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    single, distributed = single_and_distributed
+    _assert_close(single["resumed"], single["full"], atol=1e-6)
+    _assert_close(distributed["resumed"], distributed["full"], atol=1e-6)
+
+
+def test_checkpoint_loads_into_the_plain_module(
+    single_and_distributed: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    _, distributed = single_and_distributed
+    checkpoint = torch.load(distributed["path"], weights_only=False)
+    assert (
+        len(checkpoint["optimizer_states"][0]["state"]) == len(list(_model().parameters())) + 6
+    )  # 3 heads x 2
+    assert set(checkpoint["interlocking"]["heads"]) == {
+        f"{j}.2.{p}" for j in range(3) for p in ("weight", "bias")
+    }
+    plain = ResNetClassifier.load_from_checkpoint(distributed["path"])  # strict: no head keys in state_dict
+    assert not hasattr(plain, "interlocking_heads")
+    trained_one_epoch = copy.deepcopy(plain.state_dict())
+    assert any(not torch.equal(v, _model().state_dict()[k]) for k, v in trained_one_epoch.items())
+
+
+def test_registered_name() -> None:
+    assert "interlocking" in StrategyRegistry
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="interlocking", logger=False)
+    assert isinstance(trainer.strategy, InterlockingBackpropStrategy)
+    assert trainer.strategy.num_stages == 2 and trainer.strategy.k == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "devices", "match"),
+    [
+        ({"k": 0}, 1, r"k=0 must be an integer >= 1"),
+        ({"k": 5, "stages": 4}, 1, r"k=5 must be an integer with 1 <= k <= stages=4"),
+        ({"k": 3}, 2, r"k=3 must be an integer with 1 <= k <= stages=2"),
+        ({"stages": 3}, 2, r"stages=3 must be a multiple of the world size \(2 processes\)"),
+        ({"micro_batches": 0}, 1, r"micro_batches=0 must be a positive integer"),
+        ({"stages": 4, "balance": [1, 2]}, 1, r"balance=\[1, 2\] lists 2 stages but stages=4"),
+        ({"timeout_s": 0}, 1, r"timeout_s=0 must be positive"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], devices: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        pl.Trainer(
+            accelerator="cpu", devices=devices, strategy=InterlockingBackpropStrategy(**kwargs), logger=False
+        )
+
+
+def test_one_stage_per_process_needs_stages_in_single_process_mode() -> None:
+    with pytest.raises(ValueError, match=r"k=2 must be an integer with 1 <= k <= stages=1"):
+        pl.Trainer(accelerator="cpu", devices=1, strategy=InterlockingBackpropStrategy(k=2), logger=False)
