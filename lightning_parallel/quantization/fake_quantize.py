@@ -117,6 +117,11 @@ def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: fl
         qmax: largest integer of the grid.
         grad_scale: factor on the step-size gradient, usually :func:`lsq_grad_scale`.
     """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Half-precision inputs (autocast): x / s would carry only 8-11 significant bits, as coarse as the grid
+        # itself, so the rounding residuals and the step-size gradient are computed in float32.
+        wide: Tensor = _LSQFakeQuantize.apply(x.float(), scale.float(), qmin, qmax, grad_scale)
+        return wide.to(x.dtype)
     out: Tensor = _LSQFakeQuantize.apply(x, scale, qmin, qmax, grad_scale)
     return out
 

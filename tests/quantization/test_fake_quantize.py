@@ -231,3 +231,21 @@ def test_pack_unpack_roundtrip(bits: int, rows: int, k: int, seed: int) -> None:
     else:
         assert packed.dtype == torch.int8 and packed.shape == (rows, k)
     assert torch.equal(unpack_codes(packed, bits, k), codes)
+
+
+def test_bfloat16_input_is_quantized_in_float32() -> None:
+    torch.manual_seed(0)
+    xb = torch.randn(4096).bfloat16().requires_grad_()
+    up = torch.randn(4096)
+    s16 = torch.tensor(0.05, dtype=torch.bfloat16, requires_grad=True)
+    out = fake_quantize(xb, s16, -128, 127, 0.01)
+    out.backward(up.bfloat16())
+    assert out.dtype == torch.bfloat16 and s16.grad.dtype == torch.bfloat16
+    # reference: the same (bfloat16-valued) inputs in float32
+    x32 = xb.detach().float().requires_grad_()
+    s32 = s16.detach().float().requires_grad_()
+    ref = fake_quantize(x32, s32, -128, 127, 0.01)
+    ref.backward(up.bfloat16().float())
+    torch.testing.assert_close(out.float(), ref, atol=0, rtol=2**-8)
+    torch.testing.assert_close(xb.grad.float(), x32.grad)
+    assert float(s16.grad) == pytest.approx(float(s32.grad), rel=2**-7)
