@@ -55,11 +55,12 @@ def make_blocks(model: str, count: int) -> list[nn.Module]:
 def make_batches(model: str, batch: int) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(STEPS):
+    # the last step's batch is twice as large: activation shapes change, new shape headers must travel
+    for size in [batch] * (STEPS - 1) + [2 * batch]:
         if model == "mlp":
-            out.append((torch.randn(batch, 8, generator=gen), torch.randint(0, 4, (batch,), generator=gen)))
+            out.append((torch.randn(size, 8, generator=gen), torch.randint(0, 4, (size,), generator=gen)))
         else:
-            out.append((torch.randint(0, 11, (batch, 6), generator=gen), torch.randint(0, 11, (batch, 6), generator=gen)))
+            out.append((torch.randint(0, 11, (size, 6), generator=gen), torch.randint(0, 11, (size, 6), generator=gen)))
     return out
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_parallel.pipeline.schedule import (
     Action,
@@ -179,3 +181,26 @@ def test_every_stage_sends_in_micro_batch_order(kind: str, d: int, n: int) -> No
                 for replica, stage in schedule.stages_of(schedule.actions.index(order)):
                     mbs = [a.micro_batch for a in order if a.kind in kinds and (a.replica, a.stage) == (replica, stage)]
                     assert mbs == sorted(mbs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["gpipe", "1f1b", "chimera", "chimera-zb"]),
+    half_stages=st.integers(1, 4),
+    units=st.integers(1, 3),
+    forward=st.floats(0.1, 3.0),
+    backward=st.floats(0.1, 3.0),
+)
+def test_any_schedule_is_valid_and_keeps_every_rank_equally_busy(
+    kind: str, half_stages: int, units: int, forward: float, backward: float
+) -> None:
+    d = 2 * half_stages
+    n = d * units
+    schedule = build_schedule(kind, d, n)
+    validate_schedule(schedule)
+    result = simulate(schedule, forward=forward, backward=backward)
+    assert result.busy == pytest.approx([n * (forward + backward)] * d)
+    assert 0 < result.efficiency <= 1 + 1e-9
+    if kind in ("gpipe", "1f1b"):
+        assert result.makespan == pytest.approx((n + d - 1) * (forward + backward))
+    assert all(1 <= peak <= n for peak in result.peak_activations)
