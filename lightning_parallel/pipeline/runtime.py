@@ -136,7 +136,14 @@ class PipelineRuntime:
 
     def _isend(self, tensor: Tensor, peer: int, tag: int, replica: int) -> None:
         work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
-        self._sends.append((work, tensor, peer))
+        # let go of the tensors of sends that finished (raising if one failed), so memory stays bounded
+        pending = []
+        for entry in self._sends:
+            if entry[0].is_completed():
+                self._wait(entry[0], "a send", entry[2])
+            else:
+                pending.append(entry)
+        self._sends = [*pending, (work, tensor, peer)]
 
     def _recv(
         self, shape: tuple[int, ...], dtype: torch.dtype, peer: int, tag: int, replica: int, what: str
