@@ -101,6 +101,8 @@ class InterlockingRuntime:
         depth = -(-plan.depth(self.held[-1]) // per_rank) if self.has_backward else 0
         self.warmup = depth if warmup is None else warmup
         self.timeout = timedelta(seconds=timeout_s)
+        params = [p for s in self.held for p in stage_blocks[s].parameters()]
+        self.device = params[0].device if params else torch.device("cpu")  # where received tensors go
         self._shapes: dict[tuple[Any, ...], list[tuple[torch.Size, torch.dtype]]] = {}
         self._sends: list[Any] = []
         self._early: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -246,7 +248,7 @@ class InterlockingRuntime:
 
     def _recv(self, spec: tuple[torch.Size, torch.dtype], peer: int, tag: int) -> torch.Tensor:
         shape, dtype = spec
-        buffer = torch.empty(shape, dtype=dtype)
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
         work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
         try:
             if work is not None:
