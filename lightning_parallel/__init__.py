@@ -5,16 +5,24 @@ Importing the package registers the strategies' short names (``strategy="chimera
 optional dependency (bitsandbytes, matplotlib, zstandard).
 """
 
-from lightning_parallel import strategies as strategies  # registers the strategies' short names
+from lightning_parallel.callbacks import DPKFAC, MetricsSummary
 from lightning_parallel.data import DigitsDataModule, SyntheticDataModule, TextDataModule
 from lightning_parallel.models import GPTLanguageModel, MLPClassifier, ResNetClassifier
+from lightning_parallel.plugins import CompressedActivationPrecision, QuantizationPrecision
+from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted order
+    "ChimeraStrategy",
+    "CompressedActivationPrecision",
+    "DPKFAC",
     "DigitsDataModule",
     "GPTLanguageModel",
+    "InterlockingBackpropStrategy",
     "MLPClassifier",
+    "MetricsSummary",
+    "QuantizationPrecision",
     "ResNetClassifier",
     "SyntheticDataModule",
     "TextDataModule",
