@@ -48,6 +48,10 @@ class KFACLayer:
         self.g_factor: torch.Tensor | None = None  # running G, (out_dim, out_dim)
         self.decomposition: dict[str, torch.Tensor] = {}  # eigen: qa, da, qg, dg; inverse: a_inv, g_inv
         self.pi = 1.0  # factored-damping ratio at the last decomposition
+        # eigen method: the damped inverses for the last damping value, so that a step costs one
+        # (G + .)^-1 M (A + .)^-1 product instead of four eigenbasis products
+        self._inverses: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self._reused = False  # whether the current decomposition has preconditioned once already
         self.rows_per_step = 0  # rows of the last recorded step, for the cost model
 
     @property
@@ -159,6 +163,8 @@ class KFACLayer:
             raise RuntimeError(f"the decomposition of layer {self.name!r} is not finite")
         self.decomposition = result
         self.pi = pi
+        self._inverses = None
+        self._reused = False
 
     def precondition(self, mat: torch.Tensor, damping: float) -> torch.Tensor:
         """``(A + pi r I)^-1 kron (G + r/pi I)^-1`` applied to ``vec(mat)``, ``r = sqrt(damping)``.
@@ -176,19 +182,32 @@ class KFACLayer:
         if not d:
             return mat
         m = mat.to(self.dtype)
-        if "qa" in d:
+        if "qa" in d and (self._inverses is None or self._inverses[0] != damping) and not self._reused:
+            # first use of this decomposition: the four eigenbasis products are cheaper than
+            # building the inverses (in^3 + out^3), which pay off only when the decomposition is reused
+            self._reused = True
             root = math.sqrt(damping)
             v = d["qg"].t() @ m @ d["qa"]  # (out, in) in the eigenbases
             v = v / ((d["dg"] + root / self.pi).unsqueeze(1) * (d["da"] + self.pi * root).unsqueeze(0))
-            out = d["qg"] @ v @ d["qa"].t()
+            return (d["qg"] @ v @ d["qa"].t()).to(mat.dtype)
+        if "qa" in d:
+            if self._inverses is None or self._inverses[0] != damping:
+                root = math.sqrt(damping)
+                a_inv = (d["qa"] / (d["da"] + self.pi * root).unsqueeze(0)) @ d["qa"].t()
+                g_inv = (d["qg"] / (d["dg"] + root / self.pi).unsqueeze(0)) @ d["qg"].t()
+                self._inverses = (damping, a_inv, g_inv)
+            _, a_inv, g_inv = self._inverses
         else:
-            out = d["g_inv"] @ m @ d["a_inv"]
+            a_inv, g_inv = d["a_inv"], d["g_inv"]
+        out = g_inv @ m @ a_inv
         return out.to(mat.dtype)
 
     # ------------------------------------------------------------------ bookkeeping
     def curvature_bytes(self) -> int:
         """Bytes of curvature state this layer holds (running factors and decomposition)."""
         tensors = [self.a_factor, self.g_factor, *self.decomposition.values()]
+        if self._inverses is not None:
+            tensors += [self._inverses[1], self._inverses[2]]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def drop_state(self) -> None:
@@ -197,6 +216,7 @@ class KFACLayer:
         self.a_factor = self.g_factor = None
         self.decomposition = {}
         self.pi = 1.0
+        self._inverses = None
 
     def state_dict(self) -> dict[str, Any]:
         """The layer's running factors and decomposition (on CPU)."""
@@ -227,4 +247,5 @@ class KFACLayer:
             k: v.to(device=device, dtype=self.dtype) for k, v in state["decomposition"].items()
         }
         self.pi = float(state["pi"])
+        self._inverses = None
         self.rows_per_step = int(state["rows_per_step"])

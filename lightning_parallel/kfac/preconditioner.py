@@ -170,7 +170,7 @@ class KFACPreconditioner:
         for layer, factors in zip(self.layers, batch):
             if factors is None:
                 continue
-            if not all(bool(torch.isfinite(f).all()) for f in factors):
+            if not all(math.isfinite(float(f.sum())) for f in factors):
                 warnings.warn(
                     f"K-FAC: the factors of layer {layer.name!r} are not finite at step {step}; this update is skipped.",
                     stacklevel=2,
@@ -272,7 +272,9 @@ class KFACPreconditioner:
             if not self.is_local(index) or not layer.decomposition:
                 updates.append(mat)
                 done.append(False)
-            elif not bool(torch.isfinite(mat).all()):
+            elif not math.isfinite(
+                float(mat.sum())
+            ):  # one reduction; any inf or NaN makes the sum non-finite
                 warnings.warn(
                     f"K-FAC: the gradient of layer {layer.name!r} is not finite at step {step}; it is left unchanged.",
                     stacklevel=3,

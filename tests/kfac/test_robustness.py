@@ -195,3 +195,17 @@ def test_lpt_assignment_balances_and_is_optimal_on_a_known_case() -> None:
 def test_layer_cost_formula() -> None:
     assert layer_cost(3, 2, 10) == 10 * (9 + 4) + (27 + 8) + 2 * 3 * 5
     assert layer_cost(3, 2, 10, factor_update_steps=10, inv_update_steps=5) == 13 + 35 / 5 + 30
+
+
+def test_non_finite_gradient_is_left_alone_and_does_not_spread() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    kfac = KFACPreconditioner(model, KFACOptions(inv_update_steps=1))
+    _train(model, kfac, 1)
+    model.zero_grad()
+    F.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 2)).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="gradient of layer '0' is not finite"):
+        kfac.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert model[0].weight.grad[0, 0] == float("inf")
+    assert torch.isfinite(model[2].weight.grad).all()
