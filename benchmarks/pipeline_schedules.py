@@ -44,7 +44,13 @@ from lightning_parallel.pipeline.schedule import build_schedule, simulate
 from lightning_parallel.pipeline.timeline import gather_traces, render_text
 
 OURS = ("gpipe", "1f1b", "chimera", "chimera-zb")
-TORCH = ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble", "ScheduleDualPipeV")
+TORCH = (
+    "ScheduleGPipe",
+    "Schedule1F1B",
+    "ScheduleInterleaved1F1B",
+    "ScheduleZBVZeroBubble",
+    "ScheduleDualPipeV",
+)
 WIDTH = 64
 MICRO = 4
 
@@ -85,7 +91,8 @@ class RealStage(nn.Module):
         super().__init__()
         self.embed = nn.Linear(WIDTH, WIDTH) if first else None
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(WIDTH, 4, 4 * WIDTH, dropout=0.0, batch_first=True) for _ in range(layers)
+            nn.TransformerEncoderLayer(WIDTH, 4, 4 * WIDTH, dropout=0.0, batch_first=True)
+            for _ in range(layers)
         )
         self.head = nn.Linear(WIDTH, WIDTH) if last else None
 
@@ -171,7 +178,9 @@ def _run_ours(kind: str, rank: int, d: int, n: int, groups: Any, cfg: dict[str, 
     bw = [2 * t] + [t] * (d - 1)
     predicted = None
     if not cfg["real"]:
-        predicted = simulate(schedule, forward=t, backward=2 * t, backward_input=bin_, backward_weight=bw).efficiency
+        predicted = simulate(
+            schedule, forward=t, backward=2 * t, backward_input=bin_, backward_weight=bw
+        ).efficiency
     return _record(kind, "lightning_parallel", d, n, times, predicted, cfg)
 
 
@@ -180,7 +189,10 @@ def _run_torch(name: str, rank: int, d: int, n: int, cfg: dict[str, Any]) -> dic
 
     cls = getattr(pipelining, name)
     if name == "ScheduleDualPipeV" and n < 2 * d:
-        return {**_record(name, "torch", d, n, [], None, cfg), "status": f"refused: needs micro_batches >= {2 * d}"}
+        return {
+            **_record(name, "torch", d, n, [], None, cfg),
+            "status": f"refused: needs micro_batches >= {2 * d}",
+        }
     multi = name not in ("ScheduleGPipe", "Schedule1F1B")
     v = 2 if multi else 1
     t = cfg["t_forward"] / v
@@ -191,7 +203,8 @@ def _run_torch(name: str, rank: int, d: int, n: int, cfg: dict[str, Any]) -> dic
     else:
         indices = [rank, 2 * d - 1 - rank]
     stages = [
-        pipelining.PipelineStage(_make_stage(i, d * v, t, cfg, v), i, d * v, torch.device("cpu")) for i in indices
+        pipelining.PipelineStage(_make_stage(i, d * v, t, cfg, v), i, d * v, torch.device("cpu"))
+        for i in indices
     ]
     schedule = cls(stages if multi else stages[0], n_microbatches=n, loss_fn=_loss)
     x, y = _batch(n, cfg["real"])
@@ -346,7 +359,9 @@ def run_point(d: int, n: int, cfg: dict[str, Any]) -> tuple[list[dict[str, Any]]
     # loaded 2-core machine; the parent runs no torch work, so the children inherit no thread state
     ctx = mp.get_context("fork")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_point_worker, args=(r, d, n, port, cfg, results), daemon=True) for r in range(d)]
+    procs = [
+        ctx.Process(target=_point_worker, args=(r, d, n, port, cfg, results), daemon=True) for r in range(d)
+    ]
     for proc in procs:
         proc.start()
     records: list[dict[str, Any]] = []
@@ -394,8 +409,12 @@ def _print_row(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="(4,4) and (8,8) only, one warm-up step (under 2 min)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="(4,4) and (8,8) only, one warm-up step (under 2 min)"
+    )
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
     parser.add_argument("--t-forward", type=float, default=0.02, help="simulated forward time per stage, s")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -403,9 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default=None, help="comma-separated DxN, e.g. 4x4,8x8")
     parser.add_argument("--real", action="store_true", help="real compute: transformer blocks, samples/s")
     parser.add_argument(
-        "--layers-per-rank", type=int, default=2, help="--real: transformer blocks per rank (even: split over two stages)"
+        "--layers-per-rank",
+        type=int,
+        default=2,
+        help="--real: transformer blocks per rank (even: split over two stages)",
     )
-    parser.add_argument("--trace", default=None, help="write measured text timelines of our schedules to PREFIX-*.txt")
+    parser.add_argument(
+        "--trace", default=None, help="write measured text timelines of our schedules to PREFIX-*.txt"
+    )
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run")
     parser.add_argument("--torch", default=",".join(TORCH), help="torch schedules to run ('' for none)")
     args = parser.parse_args(argv)

@@ -158,7 +158,9 @@ class PipelineRuntime:
         args = (action.replica, action.stage, action.micro_batch)
         if key not in self._known:
             if out.dim() > _HEADER - 2:
-                raise ValueError(f"Stage {action.stage} output has {out.dim()} dimensions; at most {_HEADER - 2}.")
+                raise ValueError(
+                    f"Stage {action.stage} output has {out.dim()} dimensions; at most {_HEADER - 2}."
+                )
             header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
             header[0], header[1] = _DTYPES.index(out.dtype), out.dim()
             header[2 : 2 + out.dim()] = torch.tensor(out.shape, dtype=torch.int64)
@@ -171,12 +173,19 @@ class PipelineRuntime:
         args = (action.replica, action.stage - 1, action.micro_batch)
         if key not in self._shapes:
             header = self._recv(
-                (_HEADER,), torch.int64, peer, self._tag(space, _HEAD, *args), action.replica, f"the shape of {action}"
+                (_HEADER,),
+                torch.int64,
+                peer,
+                self._tag(space, _HEAD, *args),
+                action.replica,
+                f"the shape of {action}",
             )
             ndim = int(header[1])
             self._shapes[key] = (_DTYPES[int(header[0])], tuple(int(v) for v in header[2 : 2 + ndim]))
         dtype, shape = self._shapes[key]
-        return self._recv(shape, dtype, peer, self._tag(space, _ACT, *args), action.replica, f"the input of {action}")
+        return self._recv(
+            shape, dtype, peer, self._tag(space, _ACT, *args), action.replica, f"the input of {action}"
+        )
 
     def _finish_sends(self) -> None:
         sends, self._sends = self._sends, []
@@ -228,7 +237,9 @@ class PipelineRuntime:
                 if s < last:
                     peer = self._peer(rep, s + 1)
                     tag = self._tag(_TRAIN, _GRAD, rep, s, m)
-                    grad = self._recv(tuple(out.shape), out.dtype, peer, tag, rep, f"the output gradient of {action}")
+                    grad = self._recv(
+                        tuple(out.shape), out.dtype, peer, tag, rep, f"the output gradient of {action}"
+                    )
                     start = time.perf_counter() - t0
                 send_grad = s > 0 and x.requires_grad
                 if action.kind is ActionKind.BACKWARD:
@@ -275,7 +286,11 @@ class PipelineRuntime:
                 continue
             rep, s, m = action.replica, action.stage, action.micro_batch
             mb = micro_batches[m]
-            x = self.input_fn(mb) if s == 0 else self._recv_activation(action, _EVAL, (rep, s - 1, _signature(mb)))
+            x = (
+                self.input_fn(mb)
+                if s == 0
+                else self._recv_activation(action, _EVAL, (rep, s - 1, _signature(mb)))
+            )
             out = self.stage_modules[(rep, s)](x)
             if s == last:
                 outputs.append((m, out))
@@ -295,16 +310,20 @@ class PipelineRuntime:
     @staticmethod
     def _check_output(out: Any, action: Action) -> None:
         if not isinstance(out, Tensor):
-            raise TypeError(f"Stage {action.stage} returned {type(out).__name__}; a pipeline stage must return one Tensor.")
+            raise TypeError(
+                f"Stage {action.stage} returned {type(out).__name__}; a pipeline stage must return one Tensor."
+            )
 
     def _pair_peer(self) -> int:
         return self.groups.global_rank_of(self.schedule.stages - 1 - self.groups.pipeline_rank)
 
     def _start_all_reduce(self, module: nn.Module, stage: int) -> tuple[Any, Tensor, list[nn.Parameter], int]:
         params = [p for p in module.parameters() if p.requires_grad]
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ]) if params else torch.zeros(1, device=self.device)
+        flat = (
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            if params
+            else torch.zeros(1, device=self.device)
+        )
         work = dist.all_reduce(flat, group=self.groups.stage_groups[stage], async_op=True)
         return work, flat, params, stage
 

@@ -219,7 +219,9 @@ def _chimera(d: int, n: int, forward_doubling: bool) -> Schedule:
         order: list[Action] = []
         for u in range(n // unit):
             # micro-batches of this unit per replica, in injection order, grouped for forward doubling
-            mbs = {rep: [m for m in range(u * unit, (u + 1) * unit) if replica_of[m] == rep] for rep in (0, 1)}
+            mbs = {
+                rep: [m for m in range(u * unit, (u + 1) * unit) if replica_of[m] == rep] for rep in (0, 1)
+            }
             queues = {
                 (kind, rep): [mbs[rep][i : i + group] for i in range(0, len(mbs[rep]), group)]
                 for kind in "FB"
@@ -258,7 +260,9 @@ def _chimera_zero_bubble(d: int, n: int, first_stage_input_gradient: bool) -> Sc
     input_cost = [1] * d if first_stage_input_gradient else [0] + [1] * (d - 1)
     weight_cost = [1] * d if first_stage_input_gradient else [2] + [1] * (d - 1)
     orders = list_schedule(skeleton, max_activations=d, input_cost=input_cost, weight_cost=weight_cost)
-    return Schedule("chimera-zb", d, n, 2, tuple(tuple(_with_all_reduce(o)) for o in orders), False, replica_of)
+    return Schedule(
+        "chimera-zb", d, n, 2, tuple(tuple(_with_all_reduce(o)) for o in orders), False, replica_of
+    )
 
 
 def list_schedule(
@@ -351,7 +355,9 @@ def dependencies(schedule: Schedule, action: Action) -> list[Action]:
         return [Action(ActionKind.BACKWARD_INPUT, rep, s, m)]
     last_kind = ActionKind.BACKWARD_WEIGHT if split else ActionKind.BACKWARD
     return [
-        Action(last_kind, rep, s, mb) for mb in range(schedule.micro_batches) if schedule.replica_of(mb) == rep
+        Action(last_kind, rep, s, mb)
+        for mb in range(schedule.micro_batches)
+        if schedule.replica_of(mb) == rep
     ]
 
 
@@ -386,7 +392,9 @@ def validate_schedule(schedule: Schedule) -> None:
             if action in seen:
                 raise ValueError(f"Action {action} appears twice in the schedule (rank {r}).")
             if action not in expected:
-                raise ValueError(f"Action {action} on rank {r} is not part of a complete {schedule.kind} step.")
+                raise ValueError(
+                    f"Action {action} on rank {r} is not part of a complete {schedule.kind} step."
+                )
             if schedule.rank_of(action.replica, action.stage) != r:
                 raise ValueError(
                     f"Action {action} is on rank {r}, but stage {action.stage} of replica {action.replica} "

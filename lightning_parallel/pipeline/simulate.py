@@ -77,8 +77,16 @@ def simulate(
         raise ValueError(f"transfer={transfer!r} must be non-negative.")
     fwd = _per_stage("forward", forward, d)
     bwd = _per_stage("backward", backward, d)
-    bin_ = _per_stage("backward_input", backward_input, d) if backward_input is not None else [b / 2 for b in bwd]
-    bw = _per_stage("backward_weight", backward_weight, d) if backward_weight is not None else [b / 2 for b in bwd]
+    bin_ = (
+        _per_stage("backward_input", backward_input, d)
+        if backward_input is not None
+        else [b / 2 for b in bwd]
+    )
+    bw = (
+        _per_stage("backward_weight", backward_weight, d)
+        if backward_weight is not None
+        else [b / 2 for b in bwd]
+    )
     cost = {
         ActionKind.FORWARD: fwd,
         ActionKind.BACKWARD: bwd,

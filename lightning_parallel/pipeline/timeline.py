@@ -31,7 +31,9 @@ _COLORS = {
 }
 
 
-def schedule_timeline(schedule: Schedule, result: SimulationResult) -> list[list[tuple[Action, float, float]]]:
+def schedule_timeline(
+    schedule: Schedule, result: SimulationResult
+) -> list[list[tuple[Action, float, float]]]:
     """The per-rank (action, start, end) of a simulated schedule, all-reduce points left out."""
     out: list[list[tuple[Action, float, float]]] = [[] for _ in range(schedule.stages)]
     for r, order in enumerate(schedule.actions):
@@ -66,7 +68,9 @@ def _label(action: Action, width: int) -> str:
     return f"{letter}{action.micro_batch}"[:width].ljust(width)
 
 
-def render_text(timeline: Timeline, *, quantum: float | None = None, cell: int = 3, max_columns: int = 400) -> str:
+def render_text(
+    timeline: Timeline, *, quantum: float | None = None, cell: int = 3, max_columns: int = 400
+) -> str:
     """Render a timeline as a rank x time grid.
 
     Args:
@@ -124,13 +128,17 @@ def render_png(timeline: Timeline, path: str, *, title: str = "", time_unit: str
             if action.kind is ActionKind.ALL_REDUCE:
                 continue
             color = _COLORS[action.kind][action.replica]
-            ax.broken_barh([(start, end - start)], (r - 0.4, 0.8), facecolors=color, edgecolors="black", linewidth=0.5)
+            ax.broken_barh(
+                [(start, end - start)], (r - 0.4, 0.8), facecolors=color, edgecolors="black", linewidth=0.5
+            )
             ax.text((start + end) / 2, r, str(action.micro_batch), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(ranks), [f"rank {r}" for r in range(ranks)])
     ax.invert_yaxis()
     ax.set_xlabel(f"time ({time_unit})")
     ax.set_title(title)
-    kinds = sorted({a.kind for rank in timeline for a, _, _ in rank} - {ActionKind.ALL_REDUCE}, key=lambda k: k.value)
+    kinds = sorted(
+        {a.kind for rank in timeline for a, _, _ in rank} - {ActionKind.ALL_REDUCE}, key=lambda k: k.value
+    )
     replicas = sorted({a.replica for rank in timeline for a, _, _ in rank})
     handles = [
         Patch(facecolor=_COLORS[k][rep], label=f"{k.name.lower()}{' (up)' if rep else ''}")
@@ -169,10 +177,14 @@ def schedule_command(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kind", choices=SCHEDULE_KINDS, default="chimera", help="the schedule")
     parser.add_argument("--stages", type=int, default=4, help="pipeline stages D (= ranks)")
-    parser.add_argument("--micro-batches", type=int, default=None, help="micro-batches N per step (default: D)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=None, help="micro-batches N per step (default: D)"
+    )
     parser.add_argument("--forward-doubling", action="store_true", help="Chimera: two forwards per slot")
     parser.add_argument("--forward", type=float, default=1.0, help="forward time of one micro-batch")
-    parser.add_argument("--backward", type=float, default=2.0, help="backward time (split evenly into I and W)")
+    parser.add_argument(
+        "--backward", type=float, default=2.0, help="backward time (split evenly into I and W)"
+    )
     parser.add_argument("--transfer", type=float, default=0.0, help="time of one hand-off between ranks")
     parser.add_argument(
         "--first-stage-without-input-gradient",
@@ -185,7 +197,9 @@ def schedule_command(argv: list[str] | None = None) -> int:
     try:
         micro_batches = args.micro_batches if args.micro_batches is not None else args.stages
         no_input_gradient = args.first_stage_without_input_gradient
-        extra = {"first_stage_input_gradient": False} if no_input_gradient and args.kind == "chimera-zb" else {}
+        extra = (
+            {"first_stage_input_gradient": False} if no_input_gradient and args.kind == "chimera-zb" else {}
+        )
         schedule = build_schedule(
             args.kind, args.stages, micro_batches, forward_doubling=args.forward_doubling, **extra
         )
@@ -207,7 +221,9 @@ def schedule_command(argv: list[str] | None = None) -> int:
     print(describe(schedule, result))
     if args.png:
         try:
-            render_png(timeline, args.png, title=f"{schedule.kind} D={schedule.stages} N={schedule.micro_batches}")
+            render_png(
+                timeline, args.png, title=f"{schedule.kind} D={schedule.stages} N={schedule.micro_batches}"
+            )
         except ModuleNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -60,7 +60,12 @@ def make_batches(model: str, batch: int) -> list[tuple[Tensor, Tensor]]:
         if model == "mlp":
             out.append((torch.randn(size, 8, generator=gen), torch.randint(0, 4, (size,), generator=gen)))
         else:
-            out.append((torch.randint(0, 11, (size, 6), generator=gen), torch.randint(0, 11, (size, 6), generator=gen)))
+            out.append(
+                (
+                    torch.randint(0, 11, (size, 6), generator=gen),
+                    torch.randint(0, 11, (size, 6), generator=gen),
+                )
+            )
     return out
 
 
@@ -112,7 +117,9 @@ def train_worker(rank: int, world_size: int, cases: list[tuple[str, str, int]], 
         x0 = make_batches(model, batch)[0]
         outs = runtime.forward_only(split(x0, n))
         # numpy, not tensors: tensors would travel as shared-memory handles that die with the worker
-        states = {rs: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()} for rs, m in modules.items()}
+        states = {
+            rs: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()} for rs, m in modules.items()
+        }
         results.append((kind, model, states, losses, [(m, o.numpy().copy()) for m, o in outs]))
     return results
 

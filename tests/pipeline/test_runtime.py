@@ -25,7 +25,11 @@ def _check(results: list, stages: int, batch: int) -> None:
             for (_, stage), state in states.items():
                 for name, value in state.items():
                     torch.testing.assert_close(
-                        torch.from_numpy(value), expected[stage][name], atol=1e-5, rtol=0, msg=f"{kind} {model} stage {stage} {name}"
+                        torch.from_numpy(value),
+                        expected[stage][name],
+                        atol=1e-5,
+                        rtol=0,
+                        msg=f"{kind} {model} stage {stage} {name}",
                     )
                 seen += 1
         replicas = 2 if kind.startswith("chimera") else 1
@@ -56,7 +60,10 @@ def test_two_stages_every_schedule_matches_single_process() -> None:
 
 
 def test_four_stages_every_schedule_matches_single_process() -> None:
-    cases = [(kind, "mlp", 4) for kind in KINDS] + [("chimera", "transformer", 8), ("chimera-zb", "transformer", 4)]
+    cases = [(kind, "mlp", 4) for kind in KINDS] + [
+        ("chimera", "transformer", 8),
+        ("chimera-zb", "transformer", 4),
+    ]
     results = run_distributed(w.train_worker, 4, cases, 8, timeout=180.0)
     _check(results, 4, 8)
 

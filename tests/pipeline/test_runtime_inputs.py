@@ -32,7 +32,9 @@ def _runtime(schedule_kind: str = "chimera", stages: int = 2, **kwargs: object) 
 
 
 def test_layout_must_fit_the_world() -> None:
-    with pytest.raises(ValueError, match=r"world_size=6 cannot be split into pipelines of stages=4.*multiple of stages"):
+    with pytest.raises(
+        ValueError, match=r"world_size=6 cannot be split into pipelines of stages=4.*multiple of stages"
+    ):
         check_layout(6, 4)
     with pytest.raises(ValueError, match="stages=0 must be a positive integer"):
         check_layout(4, 0)
@@ -56,7 +58,9 @@ def test_global_rank_of() -> None:
 
 def test_stage_modules_must_match_the_held_stages() -> None:
     schedule = build_schedule("chimera", 4, 4)
-    with pytest.raises(ValueError, match=r"holds \(replica, stage\) \[\(0, 1\), \(1, 2\)\].*has \[\(0, 1\)\]"):
+    with pytest.raises(
+        ValueError, match=r"holds \(replica, stage\) \[\(0, 1\), \(1, 2\)\].*has \[\(0, 1\)\]"
+    ):
         PipelineRuntime(schedule, _groups(4, 1), {(0, 1): nn.Linear(2, 2)}, lambda b: b, lambda o, b: o.sum())
 
 
@@ -66,8 +70,11 @@ def test_schedule_and_groups_must_agree() -> None:
         PipelineRuntime(schedule, _groups(2), {(0, 0): nn.Linear(2, 2)}, lambda b: b, lambda o, b: o.sum())
     with pytest.raises(ValueError, match=r"needs the stage groups of an even stages count\."):
         PipelineRuntime(
-            build_schedule("chimera", 2, 2), _groups(2, pairs=False),
-            {(0, 0): nn.Linear(2, 2), (1, 1): nn.Linear(2, 2)}, lambda b: b, lambda o, b: o.sum(),
+            build_schedule("chimera", 2, 2),
+            _groups(2, pairs=False),
+            {(0, 0): nn.Linear(2, 2), (1, 1): nn.Linear(2, 2)},
+            lambda b: b,
+            lambda o, b: o.sum(),
         )
 
 

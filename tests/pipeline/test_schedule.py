@@ -48,7 +48,9 @@ def test_chimera_with_backward_twice_forward(d: int, makespan: float, efficiency
     assert one_f_one_b.efficiency == pytest.approx(d / (2 * d - 1))
 
 
-@pytest.mark.parametrize(("d", "n", "efficiency"), [(4, 4, 0.923), (4, 8, 0.960), (8, 8, 0.889), (8, 16, 0.941)])
+@pytest.mark.parametrize(
+    ("d", "n", "efficiency"), [(4, 4, 0.923), (4, 8, 0.960), (8, 8, 0.889), (8, 16, 0.941)]
+)
 def test_chimera_zero_bubble_reaches_the_lower_bound(d: int, n: int, efficiency: float) -> None:
     schedule = build_schedule("chimera-zb", d, n)
     result = simulate(schedule, forward=1.0, backward_input=1.0, backward_weight=1.0)
@@ -116,7 +118,9 @@ def test_validator_rejects_incomplete_duplicate_and_misplaced_actions() -> None:
     with pytest.raises(ValueError, match="incomplete"):
         validate_schedule(Schedule("gpipe", 2, 2, 1, (good.actions[0][:-1], good.actions[1])))
     with pytest.raises(ValueError, match="appears twice"):
-        validate_schedule(Schedule("gpipe", 2, 2, 1, (good.actions[0] + good.actions[0][:1], good.actions[1])))
+        validate_schedule(
+            Schedule("gpipe", 2, 2, 1, (good.actions[0] + good.actions[0][:1], good.actions[1]))
+        )
     with pytest.raises(ValueError, match="lives on rank 1"):
         validate_schedule(Schedule("gpipe", 2, 2, 1, (good.actions[1], good.actions[0])))
     with pytest.raises(ValueError, match="expected stages=2"):
@@ -135,7 +139,10 @@ def test_validator_rejects_incomplete_duplicate_and_misplaced_actions() -> None:
             {"kind": "chimera", "stages": 4, "micro_batches": 4, "forward_doubling": True},
             r"2 \* stages \(forward doubling\) = 8",
         ),
-        ({"kind": "1f1b", "stages": 4, "micro_batches": 4, "forward_doubling": True}, r"forward_doubling=True"),
+        (
+            {"kind": "1f1b", "stages": 4, "micro_batches": 4, "forward_doubling": True},
+            r"forward_doubling=True",
+        ),
         ({"kind": "gpipe", "stages": 0, "micro_batches": 4}, r"stages=0 must be a positive integer"),
         ({"kind": "gpipe", "stages": 2, "micro_batches": 0}, r"micro_batches=0 must be a positive integer"),
     ],
@@ -179,7 +186,11 @@ def test_every_stage_sends_in_micro_batch_order(kind: str, d: int, n: int) -> No
         for order in schedule.actions:
             for kinds in ({ActionKind.FORWARD}, {ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT}):
                 for replica, stage in schedule.stages_of(schedule.actions.index(order)):
-                    mbs = [a.micro_batch for a in order if a.kind in kinds and (a.replica, a.stage) == (replica, stage)]
+                    mbs = [
+                        a.micro_batch
+                        for a in order
+                        if a.kind in kinds and (a.replica, a.stage) == (replica, stage)
+                    ]
                     assert mbs == sorted(mbs)
 
 

@@ -30,8 +30,14 @@ def test_text_grid_marks_up_replica_in_lower_case_and_long_actions_with_dashes()
 
 def test_measured_trace_in_seconds() -> None:
     trace = [
-        [(Action(ActionKind.FORWARD, 0, 0, 0), 0.0, 0.02), (Action(ActionKind.BACKWARD, 0, 0, 0), 0.06, 0.10)],
-        [(Action(ActionKind.FORWARD, 0, 1, 0), 0.02, 0.04), (Action(ActionKind.BACKWARD, 0, 1, 0), 0.04, 0.06)],
+        [
+            (Action(ActionKind.FORWARD, 0, 0, 0), 0.0, 0.02),
+            (Action(ActionKind.BACKWARD, 0, 0, 0), 0.06, 0.10),
+        ],
+        [
+            (Action(ActionKind.FORWARD, 0, 1, 0), 0.02, 0.04),
+            (Action(ActionKind.BACKWARD, 0, 1, 0), 0.04, 0.06),
+        ],
     ]
     assert render_text(trace, quantum=0.02, cell=2).splitlines() == [
         "rank  0 |F0....B0--|",
@@ -91,7 +97,9 @@ def test_schedule_command_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         schedule_command(["--kind", "zigzag"])
 
 
-def test_schedule_command_for_a_first_stage_without_input_gradient(capsys: pytest.CaptureFixture[str]) -> None:
+def test_schedule_command_for_a_first_stage_without_input_gradient(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     argv = ["--kind", "chimera-zb", "--stages", "4", "--first-stage-without-input-gradient"]
     assert schedule_command(argv) == 0
     assert "makespan 13  efficiency 0.923" in capsys.readouterr().out
