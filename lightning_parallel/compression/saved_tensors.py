@@ -21,7 +21,10 @@ Design decisions:
   identity from being reused while the key lives, so a freed and reallocated buffer can never
   be mistaken for a saved one. The table is cleared when the context exits.
 - Tiny tensors (fewer than ``min_numel`` elements) and non-float tensors stay as they are,
-  except boolean and 0/1 integer tensors, stored as 1 bit per element.
+  except boolean and 0/1 integer tensors, stored as 1 bit per element. Outputs of softmax,
+  log-softmax and exp also stay exact: their backward exponentiates them, so any absolute
+  error becomes a relative error of the loss gradient (2-bit log-probabilities of a GPT's
+  cross-entropy made training diverge to NaN).
 - Accounting covers every unique activation storage held (compressed or not, parameters
   excluded): raw and packed bytes per step, and the peak of the bytes alive at once.
 - Hooks do not fire under ``no_grad``/``inference_mode``, so evaluation is untouched.
@@ -45,6 +48,8 @@ __all__ = ["ErrorBoundPolicy", "SavedTensorCompressor"]
 
 _CAST_CHAIN_DEPTH = 4
 _CAST_CHAIN_NODES = 16
+# outputs whose backward exponentiates them: an error of eb becomes a factor exp(eb)
+_EXACT_OUTPUTS = frozenset({"LogSoftmaxBackward0", "SoftmaxBackward0", "ExpBackward0"})
 
 
 class ErrorBoundPolicy(Protocol):
@@ -227,7 +232,8 @@ class SavedTensorCompressor:
             if self.policy is not None and hit[2] >= 0:
                 self.policy.observe(hit[2])
             return _Saved(hit[1], size, stride)
-        large = t.numel() >= self.min_numel
+        exact = t.grad_fn is not None and t.grad_fn.name() in _EXACT_OUTPUTS
+        large = t.numel() >= self.min_numel and not exact
         floating = t.is_floating_point()
         binary = large and self.compress_masks and not floating and not t.is_complex() and is_binary(t)
         if not (large and floating) and not binary:
