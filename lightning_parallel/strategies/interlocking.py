@@ -34,6 +34,7 @@ This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.int
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -50,7 +51,7 @@ from typing_extensions import override
 from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
 from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.protocol import batch_size, check_pipeline_protocol, split_batch
+from lightning_parallel.pipeline.protocol import batch_size, check_pipeline_protocol
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 
 HEADS_ATTRIBUTE = "interlocking_heads"
@@ -240,7 +241,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
         for p in params:
             p.grad = None
         with self.precision_plugin.train_step_context():
-            losses = runtime.train_step(split_batch(batch, self.micro_batches))
+            losses = runtime.train_step(split_micro_batches(batch, self.micro_batches))
         self._stash = [(p, p.grad) for p in params if p.grad is not None]
         for p, grad in zip(params, previous):
             p.grad = grad
@@ -293,9 +294,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
             metrics_fn = loss_only
 
         size = batch_size(batch)
-        chunks = self.micro_batches if size % self.micro_batches == 0 else 1
         with self.precision_plugin.val_step_context():
-            results = runtime.evaluate(split_batch(batch, chunks), metrics_fn)
+            results = runtime.evaluate(split_micro_batches(batch, self.micro_batches), metrics_fn)
         names = sorted(next(iter(results.values())))
         table = torch.zeros(self.num_stages, len(names))
         for stage, values in results.items():
@@ -401,3 +401,25 @@ class InterlockingBackpropStrategy(DDPStrategy):
                     f"stages={saved.get('stages')}, or start from its weights with `YourModule.load_from_checkpoint`."
                 )
             heads.load_state_dict(saved["heads"])
+
+
+def split_micro_batches(batch: Any, chunks: int) -> list[Any]:
+    """Split ``batch`` into ``min(chunks, size)`` micro-batches along dimension 0, as equal as possible.
+
+    Unlike the synchronous pipelines, interlocking weights every micro-batch by its size, so a last batch that
+    ``chunks`` does not divide (the end of an epoch) needs no special case.
+    """
+    size = batch_size(batch)
+    chunks = max(1, min(chunks, size))
+    bounds = [round(i * size / chunks) for i in range(chunks + 1)]
+    return [_slice(batch, start, stop) for start, stop in itertools.pairwise(bounds)]
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {key: _slice(value, start, stop) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(value, start, stop) for value in batch)
+    return batch

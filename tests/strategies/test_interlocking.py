@@ -20,6 +20,7 @@ from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
 from lightning_parallel.pipeline.protocol import split_batch
 from lightning_parallel.strategies import InterlockingBackpropStrategy
+from lightning_parallel.strategies.interlocking import split_micro_batches
 from tests.helpers.distributed import run_distributed
 
 BATCH = 16
@@ -188,6 +189,22 @@ def test_checkpoint_loads_into_the_plain_module(
     assert not hasattr(plain, "interlocking_heads")
     trained_one_epoch = copy.deepcopy(plain.state_dict())
     assert any(not torch.equal(v, _model().state_dict()[k]) for k, v in trained_one_epoch.items())
+
+
+def test_uneven_last_batch_is_split_by_size() -> None:
+    batch = (torch.arange(10).reshape(10, 1).float(), torch.arange(10))
+    parts = split_micro_batches(batch, 4)
+    assert [len(p[1]) for p in parts] == [2, 3, 3, 2] and torch.equal(
+        torch.cat([p[1] for p in parts]), batch[1]
+    )
+    assert len(split_micro_batches((batch[0][:2], batch[1][:2]), 4)) == 2  # never more parts than examples
+    model, reference = _model(), _model()
+    loader = DataLoader(
+        TensorDataset(torch.randn(22, 1, 8, 8), torch.randint(0, 10, (22,))), batch_size=BATCH
+    )
+    _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4)).fit(model, loader)  # last batch: 6
+    _trainer().fit(reference, loader)
+    _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
 
 
 def test_registered_name() -> None:
