@@ -37,3 +37,20 @@ def test_public_names_resolve() -> None:
 
     for name in lightning_parallel.__all__:
         assert getattr(lightning_parallel, name) is not None
+
+
+def test_engine_packages_import_no_lightning() -> None:
+    """pipeline/, compression/, kfac/ and quantization/ are plain PyTorch: no module there imports Lightning."""
+    import ast
+
+    offenders = []
+    for package in ("pipeline", "compression", "kfac", "quantization"):
+        for path in sorted((ROOT / "lightning_parallel" / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
+    assert not offenders, offenders
