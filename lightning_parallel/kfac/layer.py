@@ -226,6 +226,9 @@ class KFACLayer:
             "decomposition": {k: v.cpu() for k, v in self.decomposition.items()},
             "pi": self.pi,
             "rows_per_step": self.rows_per_step,
+            # the cached inverses are rebuilt from the decomposition; whether it was already used
+            # decides which (bit-different) path the next step takes, so resume stays exact
+            "reused": self._reused,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,4 +251,5 @@ class KFACLayer:
         }
         self.pi = float(state["pi"])
         self._inverses = None
+        self._reused = bool(state.get("reused", False))
         self.rows_per_step = int(state["rows_per_step"])
