@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps per run (default 20 quick, 150)"
     )
+    parser.add_argument(
+        "--settings", nargs="+", default=None, choices=sorted(SETTINGS), help="only these settings"
+    )
     parser.add_argument("--models", nargs="+", default=["resnet", "gpt"], choices=["resnet", "gpt"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -235,7 +238,7 @@ def main() -> None:
     for name in args.models:
         make, metric = models[name]
         base = _run(make, None, steps, cosine_every, val_batches, metric, accelerator)  # type: ignore[arg-type]
-        for setting in (QUICK if args.quick else FULL)[name]:
+        for setting in args.settings or (QUICK if args.quick else FULL)[name]:
             kwargs = dict(SETTINGS[setting])
             plugin = CompressedActivationPrecision(**kwargs, log_stats=False)
             res = _run(make, plugin, steps, cosine_every, val_batches, metric, accelerator)  # type: ignore[arg-type]
