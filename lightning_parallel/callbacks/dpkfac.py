@@ -12,10 +12,11 @@ Design decisions:
   divided out of ``G``.
 - The learning rate for KL-clip is read from the optimizer at every step (so LR schedulers are
   honoured). One optimizer (automatic optimization) is assumed.
-- Multi-process runs under a strategy that is not DDP (a pipeline strategy, where each rank holds
-  only some layers) use ``assignment="replicated"``: a layer's factors are averaged over the
-  ranks whose hooks fired for it (its replicas) and each rank preconditions the layers it holds.
-  ``dp`` would let an owner that does not hold a layer overwrite its holders' gradients.
+- Multi-process runs need DDP (every rank holds every layer's full, all-reduced gradient). The
+  package's pipeline strategies are refused for now: Chimera keeps a second copy of each stage
+  that the hooks registered at setup do not see, and a stage's replicas would need their factors
+  averaged (``replicated`` averages each layer over the ranks whose hooks fired, which is the
+  building block). Sharded strategies are refused too.
 - Checkpoints hold the step count, the owners and every layer's factors and decomposition;
   under ``dp`` the owners' states are gathered when Lightning calls ``state_dict`` (on every
   rank while saving), and each rank keeps its own layers when it loads. Resume is exact.
@@ -34,7 +35,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, Schedule
@@ -108,16 +108,7 @@ class DPKFAC(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if (
-            trainer.world_size > 1
-            and not isinstance(trainer.strategy, DDPStrategy)
-            and self.options.assignment == "dp"
-        ):
-            rank_zero_warn(
-                f"DPKFAC: `assignment='dp'` needs every rank to hold the whole model, which"
-                f" {type(trainer.strategy).__name__} does not guarantee; using assignment='replicated'."
-            )
-            self.options.assignment = "replicated"
+        check_strategy(trainer.strategy, trainer.world_size)
         previous = self.preconditioner
         self.preconditioner = KFACPreconditioner(pl_module, self.options)
         if self._pending_state is not None:  # restored from a checkpoint before setup
@@ -180,6 +171,31 @@ class DPKFAC(Callback):
             self._pending_state = state_dict
         else:
             self.preconditioner.load_state_dict(state_dict)
+
+
+def check_strategy(strategy: Any, world_size: int) -> None:
+    """Refuses the strategies K-FAC cannot follow yet.
+
+    Args:
+        strategy: The Trainer's strategy.
+        world_size: The number of processes.
+
+    Raises:
+        ValueError: For this package's pipeline strategies (their second stage copies are not the
+            modules the hooks sit on, and each stage's replicas would need shared factors), and for
+            multi-process strategies other than DDP (sharded parameters have no full gradient).
+    """
+    name = type(strategy).__name__
+    if type(strategy).__module__.startswith("lightning_parallel.strategies"):
+        raise ValueError(
+            f"`strategy={name}` is not supported by DPKFAC yet: the pipeline keeps second copies of its stages"
+            " that K-FAC's hooks do not see. Train with strategy='ddp' (or one device) when using DPKFAC."
+        )
+    if world_size > 1 and not isinstance(strategy, DDPStrategy):
+        raise ValueError(
+            f"`strategy={name}` with {world_size} processes is not supported by DPKFAC: it needs every rank to"
+            " hold the full gradient of every layer after backward. Use strategy='ddp'."
+        )
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

@@ -164,3 +164,18 @@ class NoLayers(TinyNet):
 def test_model_without_supported_layers_fails_at_setup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"`model` \(NoLayers\) has no nn.Linear or nn.Conv2d layer"):
         _trainer(tmp_path, [DPKFAC()], max_steps=1).fit(NoLayers(), _data())
+
+
+def test_pipeline_and_sharded_strategies_are_refused() -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lightning_parallel.callbacks.dpkfac import check_strategy
+    from lightning_parallel.strategies.chimera import ChimeraStrategy
+
+    with pytest.raises(ValueError, match=r"`strategy=ChimeraStrategy` is not supported by DPKFAC yet"):
+        check_strategy(ChimeraStrategy.__new__(ChimeraStrategy), 4)
+    with pytest.raises(
+        ValueError, match=r"`strategy=SingleDeviceStrategy` with 2 processes is not supported"
+    ):
+        check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), 2)
+    check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), 1)
