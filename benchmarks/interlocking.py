@@ -168,81 +168,90 @@ def _loss(output: torch.Tensor, batch: Any) -> torch.Tensor:
 
 
 def _throughput_worker(
-    rank: int, world: int, port: int, kind: str, unit: float, steps: int, out: Any
+    rank: int, world: int, port: int, jobs: list[tuple[str, float]], steps: int, out: Any
 ) -> None:
+    """One process of the 4-process world; runs every (kind, unit) job in turn (one start-up for all)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        features, micro, size = 16, 4, 8
-        gen = torch.Generator().manual_seed(1)
-        batches = [
-            [
-                (
-                    torch.randn(size, features, generator=gen),
-                    torch.randint(0, features, (size,), generator=gen),
-                )
-                for _ in range(micro)
-            ]
-            for _ in range(steps + 2)
-        ]
-        if kind == "e2e":
-            from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
-            from lightning_parallel.pipeline.schedule import build_schedule
-
-            stage: nn.Module = _SleepStage(features, unit)
-            runtime: Any = PipelineRuntime(
-                build_schedule("1f1b", world, micro),
-                build_pipeline_groups(world, world),
-                {(0, rank): stage},
-                lambda b: b[0],
-                _loss,
-                timeout_s=120,
-            )
-            params = list(stage.parameters())
-            ideal = micro * 3 * unit
-        else:
-            plan = InterlockingPlan(world, int(kind))
-            blocks = [nn.Linear(features, features) for _ in range(world)]
-            heads: list[nn.Module | None] = [nn.Linear(features, features) for _ in range(world - 1)]
-            cost = SimulatedCost(forward=unit, backward_input=unit, backward_weight=unit)
-            runtime = InterlockingRuntime(
-                plan,
-                blocks,
-                heads,
-                lambda b: b[0],
-                _loss,
-                rank=rank,
-                world_size=world,
-                cost=cost,
-                timeout_s=120,
-            )
-            params = [*blocks[rank].parameters(), *(heads[rank].parameters() if rank < world - 1 else [])]  # type: ignore[union-attr]
-            ideal = micro * max(_units(plan, s) for s in range(world)) * unit
-        optimizer = torch.optim.SGD(params, lr=0.01)
-
-        def step(batch: Any) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            runtime.train_step(batch)
-            optimizer.step()
-
-        for batch in batches[:2]:  # warm up (shapes, connections)
-            step(batch)
-        if kind != "e2e":
-            runtime.finish()
-        dist.barrier()
-        start = time.perf_counter()
-        for batch in batches[2:]:
-            step(batch)
-        if kind != "e2e":
-            runtime.finish()
-        elapsed = torch.tensor(time.perf_counter() - start)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            out.put((float(elapsed), ideal, steps * micro * size))
+        for kind, unit in jobs:
+            result = _measure(rank, world, kind, unit, steps)
+            if rank == 0:
+                out.put((kind, unit, *result))
     finally:
         dist.destroy_process_group()
+
+
+def _measure(rank: int, world: int, kind: str, unit: float, steps: int) -> tuple[float, float, int]:
+    """Seconds for ``steps`` timed steps (slowest rank), ideal seconds per step, samples."""
+    torch.manual_seed(0)
+    features, micro, size = 16, 4, 8
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        [
+            (
+                torch.randn(size, features, generator=gen),
+                torch.randint(0, features, (size,), generator=gen),
+            )
+            for _ in range(micro)
+        ]
+        for _ in range(steps + 2)
+    ]
+    if kind == "e2e":
+        from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
+        from lightning_parallel.pipeline.schedule import build_schedule
+
+        stage: nn.Module = _SleepStage(features, unit)
+        runtime: Any = PipelineRuntime(
+            build_schedule("1f1b", world, micro),
+            build_pipeline_groups(world, world),
+            {(0, rank): stage},
+            lambda b: b[0],
+            _loss,
+            timeout_s=120,
+        )
+        params = list(stage.parameters())
+        ideal = micro * 3 * unit
+    else:
+        plan = InterlockingPlan(world, int(kind))
+        blocks = [nn.Linear(features, features) for _ in range(world)]
+        heads: list[nn.Module | None] = [nn.Linear(features, features) for _ in range(world - 1)]
+        cost = SimulatedCost(forward=unit, backward_input=unit, backward_weight=unit)
+        runtime = InterlockingRuntime(
+            plan,
+            blocks,
+            heads,
+            lambda b: b[0],
+            _loss,
+            rank=rank,
+            world_size=world,
+            cost=cost,
+            timeout_s=120,
+        )
+        params = [*blocks[rank].parameters(), *(heads[rank].parameters() if rank < world - 1 else [])]  # type: ignore[union-attr]
+        ideal = micro * max(_units(plan, s) for s in range(world)) * unit
+    optimizer = torch.optim.SGD(params, lr=0.01)
+
+    def step(batch: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        runtime.train_step(batch)
+        optimizer.step()
+
+    for batch in batches[:2]:  # warm up (shapes, connections)
+        step(batch)
+    if kind != "e2e":
+        runtime.finish()
+    dist.barrier()
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    if kind != "e2e":
+        runtime.finish()
+    elapsed = torch.tensor(time.perf_counter() - start)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    dist.barrier()
+    return float(elapsed), ideal, steps * micro * size
 
 
 def simulated_step_units(plan: InterlockingPlan, micro: int, steps: int = 50) -> float:
@@ -313,7 +322,8 @@ def _units(plan: InterlockingPlan, stage: int) -> int:
     return 1 + sum(plan.needs_weight(stage, t) + plan.needs_input(stage, t) for t in plan.passes(stage))
 
 
-def throughput(kind: str, unit: float, steps: int) -> dict[str, Any]:
+def throughput(jobs: list[tuple[str, float]], steps: int) -> list[dict[str, Any]]:
+    """Run every (kind, unit) job in one 4-process gloo world; one result row per job."""
     import socket
 
     with socket.socket() as sock:
@@ -322,27 +332,32 @@ def throughput(kind: str, unit: float, steps: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_throughput_worker, args=(r, STAGES, port, kind, unit, steps, out))
+        ctx.Process(target=_throughput_worker, args=(r, STAGES, port, jobs, steps, out))
         for r in range(STAGES)
     ]
     for proc in procs:
         proc.start()
-    elapsed, ideal, samples = out.get(timeout=600)
+    rows = []
+    for _ in jobs:
+        kind, unit, elapsed, ideal, samples = out.get(timeout=900)
+        if kind == "e2e":
+            simulated = 4 / (4 + STAGES - 1)  # 1F1B: N / (N + D - 1)
+        else:
+            plan = InterlockingPlan(STAGES, int(kind))
+            simulated = 4 * max(_units(plan, s) for s in range(STAGES)) / simulated_step_units(plan, 4)
+        rows.append(
+            {
+                "k": kind if kind == "e2e" else int(kind),
+                "samples_per_second": samples / elapsed,
+                "efficiency": ideal * steps / elapsed,
+                "step_seconds": elapsed / steps,
+                "simulated_efficiency": simulated,
+                "unit_ms": unit * 1000,
+            }
+        )
     for proc in procs:
         proc.join(timeout=60)
-    if kind == "e2e":
-        simulated = 4 / (4 + STAGES - 1)  # 1F1B: N / (N + D - 1)
-    else:
-        plan = InterlockingPlan(STAGES, int(kind))
-        simulated = 4 * max(_units(plan, s) for s in range(STAGES)) / simulated_step_units(plan, 4)
-    return {
-        "k": kind if kind == "e2e" else int(kind),
-        "samples_per_second": samples / elapsed,
-        "efficiency": ideal * steps / elapsed,
-        "step_seconds": elapsed / steps,
-        "simulated_efficiency": simulated,
-        "unit_ms": unit * 1000,
-    }
+    return rows
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -350,7 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="2 seeds x 5 epochs, 4 timed steps")
+    parser.add_argument("--quick", action="store_true", help="2 seeds x 3 epochs, 3 timed steps, 50 ms units")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -368,15 +383,16 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
-    epochs = args.epochs or (5 if args.quick else 15)
-    steps = args.steps or (4 if args.quick else 10)
+    epochs = args.epochs or (3 if args.quick else 15)
+    steps = args.steps or (3 if args.quick else 10)
     units = args.unit or ([0.05] if args.quick else [0.02, 0.05])
     result: dict[str, Any] = {"accuracy": [], "throughput": []}
     started = time.perf_counter()
     if not args.skip_throughput:
         load = os.getloadavg()[0]
+        measured = throughput([(str(k), unit) for unit in units for k in LADDER], steps)
         for unit in units:
-            rows = [throughput(str(k), unit, steps) for k in LADDER]
+            rows = [r for r in measured if r["unit_ms"] == unit * 1000]
             base = next(r for r in rows if r["k"] == "e2e")["samples_per_second"]
             print(
                 f"\nthroughput: 4 stages, 4 micro-batches/step, unit {unit * 1000:.0f} ms, {steps} timed steps"
