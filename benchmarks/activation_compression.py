@@ -78,6 +78,14 @@ def _grads(model: Any, batch: Any, compressor: SavedTensorCompressor | None) -> 
 
 
 def _grad_cosine(module: Any, batch: Any, plugin: CompressedActivationPrecision) -> float:
+    rng = torch.random.get_rng_state()  # the uncompressed run measures nothing: keep the same RNG stream
+    try:
+        return _grad_cosine_on_copy(module, batch, plugin)
+    finally:
+        torch.random.set_rng_state(rng)
+
+
+def _grad_cosine_on_copy(module: Any, batch: Any, plugin: CompressedActivationPrecision) -> float:
     model = copy.deepcopy(module)  # BN statistics and gradients of the trained model stay untouched
     model.train()
     exact = _grads(model, batch, None)
