@@ -78,6 +78,20 @@ def test_k_equals_stages_is_end_to_end_training_and_heads_are_optimized() -> Non
     assert all(trainer.optimizers[0].state[p] for p in heads.parameters())  # Adam stepped them
 
 
+def test_gradient_accumulation_and_a_later_validate() -> None:
+    model, reference = _model(), _model()
+    _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=2), accumulate_grad_batches=2).fit(
+        model, _data(4)
+    )
+    _trainer(accumulate_grad_batches=2).fit(reference, _data(4))
+    _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
+    strategy = InterlockingBackpropStrategy(k=4, stages=4, micro_batches=2)  # a fresh one reuses the heads
+    metrics = _trainer(strategy, limit_val_batches=1.0).validate(model, _data(1, seed=5), verbose=False)[0]
+    expected = _trainer(limit_val_batches=1.0).validate(reference, _data(1, seed=5), verbose=False)[0]
+    assert metrics["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-5)
+    assert "val_head2_acc" in metrics
+
+
 def test_trainer_path_equals_the_plain_loop_of_the_benchmark() -> None:
     class Recording(InterlockingBackpropStrategy):
         def setup(self, trainer: pl.Trainer) -> None:
