@@ -10,13 +10,23 @@ import torch
 import torch.distributed as dist
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment() -> Iterator[None]:
-    """Tests (and Lightning) set MASTER_PORT, RANK, ...: put the environment back as it was."""
+def _restoring_environment() -> Iterator[None]:
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Tests (and Lightning) set MASTER_PORT, LOCAL_RANK, ...: put the environment back after each test."""
+    yield from _restoring_environment()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment_per_module() -> Iterator[None]:
+    """Module-scoped fixtures that run a Trainer leave the same variables behind: restore after each module."""
+    yield from _restoring_environment()
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+_CLUSTER_VARIABLES = {
+    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE", "GROUP_RANK",
+}
 
 
 def run_cli(*args: str, timeout: float = 240.0, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Run ``lightning-parallel ARGS`` in a fresh interpreter (multi-process configs relaunch the command)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # A leftover LOCAL_RANK or MASTER_PORT would make Lightning believe the processes were launched already.
+    env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARIABLES}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "lightning_parallel.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,

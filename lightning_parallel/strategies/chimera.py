@@ -197,8 +197,11 @@ class ChimeraStrategy(DDPStrategy):
                 f"{type(self).__name__} runs the optimization itself; {type(module).__name__} sets "
                 "automatic_optimization=False. Use automatic optimization (the default)."
             )
+        # Lightning's order: convert the module, set up the optimizers, then connect the precision plugin
+        # (a plugin may swap the optimizers, e.g. for 8-bit ones, in `connect`).
+        if self.model is not None:
+            self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self.setup_precision_plugin()
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use "
@@ -213,6 +216,8 @@ class ChimeraStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             if self._steps.runtime is not None:
                 self._steps.localise_optimizers(self.optimizers)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
         self._optimizers_to_device()
 

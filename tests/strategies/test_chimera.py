@@ -167,6 +167,14 @@ def _two_process_world(rank: int, ports: list[int], tmp: str) -> dict[str, Any]:
         out["profile"] = pipeline_fit(strategy, 2, GLOBAL_BATCH)[2]
         out["profile_sizes"] = strategy.partition_sizes
         out["bf16"] = pipeline_fit(ChimeraStrategy(2, 2), 2, GLOBAL_BATCH, precision="bf16-mixed")[2]
+        # A precision plugin's `connect` runs after the optimizers exist, so it can swap them for 8-bit ones.
+        from lightning_parallel.plugins import QuantizationPrecision
+
+        _, trainer, losses = pipeline_fit(
+            ChimeraStrategy(2, 2), 2, GLOBAL_BATCH, {"optimizer": "adam", "lr": 0.01},
+            plugins=[QuantizationPrecision(mode=None, optimizer="adam8bit")],
+        )
+        out["adam8bit"] = {"optimizer": type(trainer.optimizers[0]).__name__, "losses": losses}
     return out
 
 
@@ -293,6 +301,13 @@ def test_profile_partition_and_bf16(distributed: list[dict[str, Any]], reference
     bf16 = result["bf16"]
     assert all(math.isfinite(v) for v in bf16)
     assert_close(bf16, reference_losses, rel=5e-2)
+
+
+def test_precision_plugin_swaps_the_optimizer(distributed: list[dict[str, Any]]) -> None:
+    for result in distributed[2:]:
+        run = result["adam8bit"]
+        assert "8bit" in run["optimizer"], run["optimizer"]
+        assert all(math.isfinite(v) for v in run["losses"]) and run["losses"][-1] < run["losses"][0]
 
 
 # ----------------------------------------------------------------------------- single process
