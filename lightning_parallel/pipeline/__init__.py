@@ -11,7 +11,13 @@
 from lightning_parallel.pipeline.groups import PipelineGroups, build_pipeline_groups
 from lightning_parallel.pipeline.partition import partition_blocks
 from lightning_parallel.pipeline.runtime import PipelineRuntime
-from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule, build_schedule, validate_schedule
+from lightning_parallel.pipeline.schedule import (
+    Action,
+    ActionKind,
+    Schedule,
+    build_schedule,
+    validate_schedule,
+)
 from lightning_parallel.pipeline.simulate import SimulationResult, simulate
 from lightning_parallel.pipeline.timeline import render_png, render_text
 
