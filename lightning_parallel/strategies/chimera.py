@@ -43,7 +43,6 @@ from lightning_parallel.pipeline.partition import (
     profile_blocks,
     stage_slices,
 )
-from lightning_parallel.pipeline.protocol import check_pipeline_protocol
 from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
 from lightning_parallel.pipeline.schedule import Schedule, build_schedule
 from lightning_parallel.strategies._pipeline_checkpoint import (
@@ -54,6 +53,7 @@ from lightning_parallel.strategies._pipeline_checkpoint import (
     sync_stages,
 )
 from lightning_parallel.strategies._pipeline_steps import PipelineSteps, split_evenly
+from lightning_parallel.strategies._setup import begin_pipeline_setup
 
 ScheduleName = Literal["chimera", "chimera-zb", "1f1b", "gpipe"]
 SCHEDULES: tuple[str, ...] = ("chimera", "chimera-zb", "1f1b", "gpipe")
@@ -185,22 +185,7 @@ class ChimeraStrategy(DDPStrategy):
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.accelerator is None:
-            raise RuntimeError("ChimeraStrategy.setup called before an accelerator was set.")
-        self.accelerator.setup(trainer)
-        module = self.lightning_module
-        if module is None:
-            raise RuntimeError("ChimeraStrategy.setup called without a LightningModule.")
-        check_pipeline_protocol(module, who=type(self).__name__)
-        if not module.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__} runs the optimization itself; {type(module).__name__} sets "
-                "automatic_optimization=False. Use automatic optimization (the default)."
-            )
-        # Lightning's order: convert the module, set up the optimizers, then connect the precision plugin
-        # (a plugin may swap the optimizers, e.g. for 8-bit ones, in `connect`).
-        if self.model is not None:
-            self.model = self.precision_plugin.convert_module(self.model)
+        module = begin_pipeline_setup(self, trainer)
         self.model_to_device()
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError(

@@ -51,8 +51,9 @@ from typing_extensions import override
 from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
 from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.protocol import batch_size, check_pipeline_protocol
+from lightning_parallel.pipeline.protocol import batch_size
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
+from lightning_parallel.strategies._setup import begin_pipeline_setup
 
 HEADS_ATTRIBUTE = "interlocking_heads"
 
@@ -147,18 +148,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.accelerator is None:
-            raise RuntimeError("InterlockingBackpropStrategy.setup called before an accelerator was set.")
-        self.accelerator.setup(trainer)
-        module = self.lightning_module
-        if module is None:
-            raise RuntimeError("InterlockingBackpropStrategy.setup called without a LightningModule.")
-        check_pipeline_protocol(module, who=type(self).__name__)
-        if not module.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__} runs the optimization itself; {type(module).__name__} sets "
-                "automatic_optimization=False. Use automatic optimization (the default)."
-            )
+        module = begin_pipeline_setup(self, trainer)
         stages = self.num_stages
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
