@@ -12,11 +12,14 @@ Design decisions:
   divided out of ``G``.
 - The learning rate for KL-clip is read from the optimizer at every step (so LR schedulers are
   honoured). One optimizer (automatic optimization) is assumed.
-- Multi-process runs need DDP (every rank holds every layer's full, all-reduced gradient). The
-  package's pipeline strategies are refused for now: Chimera keeps a second copy of each stage
-  that the hooks registered at setup do not see, and a stage's replicas would need their factors
-  averaged (``replicated`` averages each layer over the ranks whose hooks fired, which is the
-  building block). Sharded strategies are refused too.
+- Multi-process runs need DDP (every rank holds every layer's full, all-reduced gradient) or
+  :class:`~lightning_parallel.strategies.ChimeraStrategy`. Under Chimera (and its 1F1B / GPipe
+  schedules) the preconditioner is built once the pipeline exists (``on_fit_start``, or the first
+  batch with ``partition="profile"``) over the stage copies the rank holds
+  (``held_stage_modules``), and the two copies of a stage combine their factors
+  (:class:`~lightning_parallel.kfac.PipelineKFACPreconditioner`), so both receive the
+  single-device preconditioned gradient. Other pipeline strategies and sharded strategies are
+  refused.
 - Checkpoints hold the step count, the owners and every layer's factors and decomposition;
   under ``dp`` the owners' states are gathered when Lightning calls ``state_dict`` (on every
   rank while saving), and each rank keeps its own layers when it loads. Resume is exact.
@@ -37,7 +40,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, Schedule
+from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
+from lightning_parallel.strategies.chimera import ChimeraStrategy
 
 
 class DPKFAC(Callback):
@@ -103,14 +107,51 @@ class DPKFAC(Callback):
         self.preconditioner: KFACPreconditioner | None = None
         self.logged: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._previous: KFACPreconditioner | None = None  # a pipeline's state until its rebuild
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_strategy(trainer.strategy, trainer.world_size)
-        previous = self.preconditioner
-        self.preconditioner = KFACPreconditioner(pl_module, self.options)
+        if isinstance(trainer.strategy, ChimeraStrategy):
+            self._previous = self.preconditioner
+            self.preconditioner = None  # built over the held stage copies once the pipeline exists
+            return
+        self._build(KFACPreconditioner(pl_module, self.options), self.preconditioner)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, ChimeraStrategy) and strategy.pipeline_groups is not None:
+            self._build_pipeline(strategy)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, ChimeraStrategy) and self.preconditioner is None:
+            strategy._ensure_pipeline(batch)  # partition="profile" builds the pipeline at the first batch
+            self._build_pipeline(strategy)
+
+    def _build_pipeline(self, strategy: ChimeraStrategy) -> None:
+        groups = strategy.pipeline_groups
+        assert groups is not None
+        held = strategy.held_stage_modules
+        two_copies = any(replica > 0 for replica, _ in held)
+        preconditioner = PipelineKFACPreconditioner(
+            held,
+            self.options,
+            pipeline_group=groups.pipeline_group,
+            pair_group=groups.pair_group if two_copies else None,
+            data_parallel_group=groups.data_parallel_group,
+        )
+        self._build(preconditioner, self._previous)
+        self._previous = None
+
+    def _build(self, preconditioner: KFACPreconditioner, previous: KFACPreconditioner | None) -> None:
+        self.preconditioner = preconditioner
         if self._pending_state is not None:  # restored from a checkpoint before setup
             self.preconditioner.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -181,15 +222,17 @@ def check_strategy(strategy: Any, world_size: int) -> None:
         world_size: The number of processes.
 
     Raises:
-        ValueError: For this package's pipeline strategies (their second stage copies are not the
-            modules the hooks sit on, and each stage's replicas would need shared factors), and for
-            multi-process strategies other than DDP (sharded parameters have no full gradient).
+        ValueError: For this package's pipeline strategies other than ChimeraStrategy, and for
+            multi-process strategies other than DDP and ChimeraStrategy (sharded parameters have no
+            full gradient).
     """
     name = type(strategy).__name__
+    if isinstance(strategy, ChimeraStrategy):
+        return
     if type(strategy).__module__.startswith("lightning_parallel.strategies"):
         raise ValueError(
-            f"`strategy={name}` is not supported by DPKFAC yet: the pipeline keeps second copies of its stages"
-            " that K-FAC's hooks do not see. Train with strategy='ddp' (or one device) when using DPKFAC."
+            f"`strategy={name}` is not supported by DPKFAC: its stages are trained on local losses. Use"
+            " strategy='ddp', ChimeraStrategy (or one device) when using DPKFAC."
         )
     if world_size > 1 and not isinstance(strategy, DDPStrategy):
         raise ValueError(

@@ -6,6 +6,7 @@
 from lightning_parallel.kfac.assignment import assign_owners, layer_cost, round_robin_owners
 from lightning_parallel.kfac.layer import KFACLayer
 from lightning_parallel.kfac.options import KFACOptions
+from lightning_parallel.kfac.pipeline import PipelineKFACPreconditioner
 from lightning_parallel.kfac.preconditioner import KFACPreconditioner
 from lightning_parallel.kfac.schedule import Schedule, resolve
 
@@ -13,6 +14,7 @@ __all__ = [
     "KFACLayer",
     "KFACOptions",
     "KFACPreconditioner",
+    "PipelineKFACPreconditioner",
     "Schedule",
     "assign_owners",
     "layer_cost",

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.pipeline.groups import PipelineGroups
 from lightning_parallel.pipeline.partition import (
     PARTITION_METHODS,
     partition_blocks,
@@ -262,6 +263,12 @@ class ChimeraStrategy(DDPStrategy):
         """(replica, stage) -> the module this rank trains; Chimera's replica-1 entry is a copy that is not
         part of the LightningModule. Callbacks that change gradients must treat every entry alike."""
         return {} if self._steps is None else dict(self._steps.stage_modules)
+
+    @property
+    def pipeline_groups(self) -> PipelineGroups | None:
+        """This rank's process groups (``None`` before the pipeline is built), e.g. for callbacks that
+        must exchange data between the holders of a stage."""
+        return None if self._steps is None else self._steps.groups
 
     @property
     def partition_sizes(self) -> list[int] | None:

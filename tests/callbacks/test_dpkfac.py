@@ -166,14 +166,16 @@ def test_model_without_supported_layers_fails_at_setup(tmp_path: Path) -> None:
         _trainer(tmp_path, [DPKFAC()], max_steps=1).fit(NoLayers(), _data())
 
 
-def test_pipeline_and_sharded_strategies_are_refused() -> None:
+def test_local_loss_pipeline_and_sharded_strategies_are_refused() -> None:
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from lightning_parallel.callbacks.dpkfac import check_strategy
     from lightning_parallel.strategies.chimera import ChimeraStrategy
+    from lightning_parallel.strategies.interlocking import InterlockingBackpropStrategy
 
-    with pytest.raises(ValueError, match=r"`strategy=ChimeraStrategy` is not supported by DPKFAC yet"):
-        check_strategy(ChimeraStrategy.__new__(ChimeraStrategy), 4)
+    with pytest.raises(ValueError, match=r"`strategy=InterlockingBackpropStrategy` is not supported by DPKFAC"):
+        check_strategy(InterlockingBackpropStrategy.__new__(InterlockingBackpropStrategy), 4)
+    check_strategy(ChimeraStrategy.__new__(ChimeraStrategy), 4)  # see test_dpkfac_chimera.py
     with pytest.raises(
         ValueError, match=r"`strategy=SingleDeviceStrategy` with 2 processes is not supported"
     ):

@@ -1,0 +1,172 @@
+"""K-FAC over the stage copies a pipeline rank holds (pure torch, no Lightning).
+
+Under a pipeline schedule each rank trains a few stages; Chimera keeps two copies of every stage
+(replica 0 "down" and replica 1 "up") on two ranks of the same pipeline, whose gradients the
+runtime sums before the optimizer step. :class:`PipelineKFACPreconditioner` makes every copy of a
+stage precondition exactly as single-device K-FAC on the whole batch would.
+
+Design decisions:
+
+- Hooks sit on the ``nn.Linear`` / ``nn.Conv2d`` layers of every held copy; layers are named
+  ``replica<r>.stage<s>.<name>``.
+- The two copies of a stage see disjoint micro-batches. Before the step's factors are formed, the
+  raw hook sums of both copies (``sum a a^T``, ``sum g g^T``, rows and examples) are added with one
+  all-reduce over the pair group, so ``A`` is the mean over all rows of the step and ``G`` is
+  rescaled by the step's total number of examples (each micro-batch loss carries ``1/N``, so the
+  recorded output gradients are on the scale of the whole batch). Both ranks then hold
+  bit-identical factors and precondition their copies identically. With one replica (1F1B, GPipe)
+  a stage has one holder and nothing is exchanged.
+- Across data-parallel pipeline replicas the batch factors are averaged over the data-parallel
+  group with the ``replicated`` machinery of :class:`KFACPreconditioner` (the gradients are
+  averaged there too). ``assignment="dp"`` is only meaningful within that group; with more than one
+  pipeline replica it is refused, since the two holders of a stage need the same layers locally.
+- KL-clip: ``sum lr^2 <v, g>`` is taken over the replica-0 copies (each stage once) and summed over
+  the pipeline, so every rank uses the single-device clip factor.
+- Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_parallel.kfac.options import KFACOptions
+from lightning_parallel.kfac.preconditioner import KFACPreconditioner
+
+
+class PipelineKFACPreconditioner(KFACPreconditioner):
+    """K-FAC for the stage copies one pipeline rank holds.
+
+    Args:
+        stage_modules: ``(replica, stage) -> module`` of the copies this rank trains.
+        options: The hyperparameters (see :class:`KFACOptions`).
+        pipeline_group: The ranks of this rank's pipeline (``None``: no communication).
+        pair_group: The two ranks holding the copies of this rank's stages under Chimera, ``None``
+            when every stage has one holder.
+        data_parallel_group: The ranks holding the same stages in the other pipeline replicas
+            (``None`` or a group of one rank: a single pipeline).
+
+    Raises:
+        ValueError: If no held copy has a supported layer, or ``assignment="dp"`` with several
+            pipeline replicas.
+    """
+
+    def __init__(
+        self,
+        stage_modules: dict[tuple[int, int], nn.Module],
+        options: KFACOptions | None = None,
+        *,
+        pipeline_group: Any = None,
+        pair_group: Any = None,
+        data_parallel_group: Any = None,
+    ) -> None:
+        options = options if options is not None else KFACOptions()
+        distributed = dist.is_available() and dist.is_initialized()
+        dp_size = dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
+        if dp_size > 1 and options.assignment == "dp":
+            raise ValueError(
+                f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
+                " strategy; use assignment='replicated' (or one pipeline replica)."
+            )
+        super().__init__(_nested(stage_modules), options, group=data_parallel_group if dp_size > 1 else None)
+        if dp_size == 1:  # one pipeline: every exchange is explicit below, the base class stays local
+            self.comm.distributed, self.comm.world_size, self.comm.rank = False, 1, 0
+            self.owners = [0] * len(self.layers)
+        self.pipeline_group = pipeline_group if distributed else None
+        self.pair_group = pair_group if distributed else None
+        # the pair exchange order: by stage, then layer name, identical on both holders
+        self._pair_order = sorted(range(len(self.layers)), key=lambda i: _stage_key(self.layers[i].name))
+
+    # ------------------------------------------------------------------ factors
+    def _update_factors(self, step: int, grad_scale: float) -> None:
+        if self.pair_group is not None and dist.get_world_size(self.pair_group) > 1:
+            self._sum_pair_accumulators()
+        super()._update_factors(step, grad_scale)
+
+    def _sum_pair_accumulators(self) -> None:
+        """Adds the raw hook sums of the two copies of every held stage (one all-reduce)."""
+        start = self.clock()
+        pieces: list[torch.Tensor] = []
+        dtype, device = self.layers[0].dtype, self.layers[0].device
+        counts = torch.zeros(3 * len(self.layers), dtype=torch.float64, device=device)
+        for j, i in enumerate(self._pair_order):
+            layer = self.layers[i]
+            fired = layer.a_sum is not None and layer.g_sum is not None
+            a = layer.a_sum if fired and layer.a_sum is not None else torch.zeros(layer.in_dim, layer.in_dim)
+            g = layer.g_sum if fired and layer.g_sum is not None else torch.zeros(layer.out_dim, layer.out_dim)
+            pieces += [a.to(dtype=dtype, device=device).reshape(-1), g.to(dtype=dtype, device=device).reshape(-1)]
+            if fired:
+                counts[3 * j : 3 * j + 3] = torch.tensor([layer.a_rows, layer.examples, 1.0], dtype=torch.float64)
+        flat = torch.cat(pieces)
+        self.comm.bytes_communicated += flat.numel() * flat.element_size() + counts.numel() * counts.element_size()
+        dist.all_reduce(flat, group=self.pair_group)
+        dist.all_reduce(counts, group=self.pair_group)
+        offset = 0
+        for j, i in enumerate(self._pair_order):
+            layer = self.layers[i]
+            a_size, g_size = layer.in_dim**2, layer.out_dim**2
+            a = flat[offset : offset + a_size].view(layer.in_dim, layer.in_dim)
+            g = flat[offset + a_size : offset + a_size + g_size].view(layer.out_dim, layer.out_dim)
+            offset += a_size + g_size
+            rows, examples, holders = (float(v) for v in counts[3 * j : 3 * j + 3])
+            if holders < 2:  # a copy whose hooks did not fire would bias the factors: keep them unset
+                layer.reset_accumulators()
+                continue
+            layer.a_sum, layer.g_sum = a.clone(), g.clone()
+            layer.a_rows, layer.examples = int(rows), int(examples)
+        self.counters["communication_seconds"] += self.clock() - start
+
+    # ------------------------------------------------------------------ KL-clip
+    def _kl_clip_scale(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer | None,
+        grads: list[torch.Tensor],
+        updates: list[torch.Tensor],
+        done: list[bool],
+    ) -> float:
+        if self.options.kl_clip is None:
+            return 1.0
+        if optimizer is None:
+            raise ValueError("`optimizer=None` but `kl_clip` is set; pass the optimizer or set `kl_clip=None`.")
+        kl_clip = self.options.at("kl_clip", step)
+        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        total = torch.zeros(1, dtype=torch.float64, device=self.layers[0].device)
+        for layer, grad, update, scaled in zip(self.layers, grads, updates, done):
+            if scaled and layer.name.startswith("replica0."):
+                lr = float(lrs.get(id(layer.module.weight), 0.0))
+                total += float((update * grad).sum()) * lr * lr
+        if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
+            dist.all_reduce(total, group=self.pipeline_group)
+        value = float(total)
+        if value == 0.0 or math.isnan(value):
+            return 1.0
+        return min(1.0, math.sqrt(kl_clip / abs(value)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`KFACPreconditioner.state_dict`, with the layers of the whole pipeline (a collective)."""
+        state = super().state_dict()
+        if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
+            gathered: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
+            dist.all_gather_object(gathered, state["layers"], group=self.pipeline_group)
+            state["layers"] = {name: layer for part in gathered for name, layer in part.items()}
+        return state
+
+
+def _nested(stage_modules: dict[tuple[int, int], nn.Module]) -> nn.ModuleDict:
+    """``replica<r>.stage<s>`` containers for the held copies (names stay stable across ranks)."""
+    replicas: dict[str, nn.ModuleDict] = {}
+    for r, s in sorted(stage_modules):
+        replicas.setdefault(f"replica{r}", nn.ModuleDict())[f"stage{s}"] = stage_modules[(r, s)]
+    return nn.ModuleDict(replicas)
+
+
+def _stage_key(name: str) -> tuple[int, str]:
+    """``replica<r>.stage<s>.<rest>`` -> ``(s, rest)``."""
+    _, stage, rest = name.split(".", 2)
+    return int(stage.removeprefix("stage")), rest
