@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_parallel.compression import (
@@ -42,27 +40,13 @@ from lightning_parallel.compression import (
     make_codec,
 )
 from lightning_parallel.compression.kbit import ALLOWED_BITS
+from lightning_parallel.plugins._wrapping import WrappingPrecision
 
 __all__ = ["CompressedActivationPrecision"]
 
-INNER_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
-def _make_inner(inner: str | Precision) -> Precision:
-    if isinstance(inner, Precision):
-        return inner
-    if inner == "32-true":
-        return Precision()
-    if inner in ("bf16-mixed", "16-mixed"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return MixedPrecision(inner, device)  # type: ignore[arg-type]
-    raise ValueError(
-        f"`inner` must be one of {INNER_PRECISIONS} or a `lightning.pytorch.plugins.Precision` instance,"
-        f" got inner={inner!r}."
-    )
-
-
-class CompressedActivationPrecision(Precision):
+class CompressedActivationPrecision(WrappingPrecision):
     """Compresses every tensor autograd saves during the training forward.
 
     Args:
@@ -109,7 +93,6 @@ class CompressedActivationPrecision(Precision):
         log_stats: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if codec not in CODECS:
             raise ValueError(f"`codec` must be one of {CODECS}, got codec={codec!r}.")
         if bits not in ALLOWED_BITS:
@@ -118,8 +101,7 @@ class CompressedActivationPrecision(Precision):
             raise ValueError(f"`error_bound` must be > 0, got error_bound={error_bound!r}.")
         if adaptive and codec != "error_bounded":
             raise ValueError(f"`adaptive=True` needs codec='error_bounded', got codec={codec!r}.")
-        self.inner = _make_inner(inner)
-        self.precision = self.inner.precision
+        super().__init__(inner)
         self.codec_name = codec
         self.log_stats = log_stats
         self.controller: AdaptiveErrorController | None = None
@@ -186,24 +168,6 @@ class CompressedActivationPrecision(Precision):
             yield
 
     @override
-    @contextlib.contextmanager
-    def val_step_context(self) -> Generator[None, None, None]:
-        with self.inner.val_step_context():
-            yield
-
-    @override
-    @contextlib.contextmanager
-    def test_step_context(self) -> Generator[None, None, None]:
-        with self.inner.test_step_context():
-            yield
-
-    @override
-    @contextlib.contextmanager
-    def predict_step_context(self) -> Generator[None, None, None]:
-        with self.inner.predict_step_context():
-            yield
-
-    @override
     def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         out = self.inner.post_backward(tensor, module)
         if self.controller is not None:
@@ -226,83 +190,10 @@ class CompressedActivationPrecision(Precision):
         if self.controller is not None and state_dict.get("controller") is not None:
             self.controller.load_state_dict(state_dict["controller"])
 
-    # ---- delegation to the inner precision ------------------------------------------------------
-
-    @override
-    def connect(
-        self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
-    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
-        return self.inner.connect(model, optimizers, lr_schedulers)
-
-    @override
-    def tensor_init_context(self) -> contextlib.AbstractContextManager:
-        return self.inner.tensor_init_context()
-
-    @override
-    def module_init_context(self) -> contextlib.AbstractContextManager:
-        return self.inner.module_init_context()
-
-    @override
-    def forward_context(self) -> contextlib.AbstractContextManager:
-        return self.inner.forward_context()
-
-    @override
-    def convert_input(self, data: Any) -> Any:
-        return self.inner.convert_input(data)
-
-    @override
-    def convert_output(self, data: Any) -> Any:
-        return self.inner.convert_output(data)
-
-    @override
-    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
-        return self.inner.pre_backward(tensor, module)
-
-    @override
-    def backward(  # type: ignore[override]
-        self, tensor: Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any
-    ) -> None:
-        self.inner.backward(tensor, model, optimizer, *args, **kwargs)
-
-    @override
-    def optimizer_step(  # type: ignore[override]
-        self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
-    ) -> Any:
-        return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
-
-    @override
-    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        # Precision.clip_gradients dispatches here, so a strategy that replaces these methods on
-        # the plugin (global-norm clipping across pipeline stages) is honoured
-        self.inner.clip_grad_by_value(optimizer, clip_val)
-
-    @override
-    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self.inner.clip_grad_by_norm(optimizer, clip_val)
-
-    @property
-    def scaler(self) -> Any:
-        """The inner precision's gradient scaler (``None`` without one)."""
-        return getattr(self.inner, "scaler", None)
-
-    @override
-    def main_params(self, optimizer: Optimizer) -> Any:
-        return self.inner.main_params(optimizer)
-
-    @override
-    def unscale_gradients(self, optimizer: Optimizer) -> None:
-        self.inner.unscale_gradients(optimizer)
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.inner.on_save_checkpoint(checkpoint)
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.inner.on_load_checkpoint(checkpoint)
+    # ---- every other hook is handed to the inner precision by WrappingPrecision ------------------
 
     @override
     def teardown(self) -> None:
         if self.controller is not None:
             self.controller.detach()
-        self.inner.teardown()
+        super().teardown()

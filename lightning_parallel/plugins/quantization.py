@@ -23,43 +23,29 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.plugins._wrapping import WrappingPrecision
 from lightning_parallel.quantization.convert import QAT_LAYERS, convert_to_qat
 from lightning_parallel.quantization.state import load_quantizer_state_dict, quantizer_state_dict
 
 QuantizationMode = Literal["qat-int8", "qat-int4", "bnb-int8", "bnb-nf4"]
 MODES = ("qat-int8", "qat-int4", "bnb-int8", "bnb-nf4")
 OPTIMIZERS = ("adam8bit",)
-INNER_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _STATE_KEY = "quantization_mode"
 
 
-def _make_inner(inner: str | Precision) -> Precision:
-    if isinstance(inner, Precision):
-        return inner
-    if inner in ("32-true", "32"):
-        return Precision()
-    if inner in ("bf16-mixed", "16-mixed"):
-        return MixedPrecision(inner, "cuda" if torch.cuda.is_available() else "cpu")  # type: ignore[arg-type]
-    if inner in ("bf16-true", "16-true"):
-        return HalfPrecision(inner)  # type: ignore[arg-type]
-    raise ValueError(
-        f"inner={inner!r} is not a supported precision; use one of {INNER_PRECISIONS} or a Precision instance."
-    )
 
-
-class QuantizationPrecision(Precision):
+class QuantizationPrecision(WrappingPrecision):
     """Quantization-aware training, frozen low-bit weights and 8-bit optimizers for any Lightning model.
 
     Args:
@@ -122,8 +108,7 @@ class QuantizationPrecision(Precision):
             require_bitsandbytes(f"QuantizationPrecision(mode={mode!r}, optimizer={optimizer!r})")
         self.mode = mode
         self.optimizer = optimizer
-        self.inner = _make_inner(inner)
-        self.precision = self.inner.precision
+        super().__init__(inner)
         self.act_bits = act_bits
         self.group_size = group_size
         self.ignore_modules = list(ignore_modules or [])
@@ -243,99 +228,7 @@ class QuantizationPrecision(Precision):
             optimizers = swapped
         return self.inner.connect(model, optimizers, lr_schedulers)
 
-    # ----------------------------------------------------------------- delegated to the inner precision
-    @override
-    def forward_context(self) -> AbstractContextManager:
-        return self.inner.forward_context()
-
-    @override
-    def tensor_init_context(self) -> AbstractContextManager:
-        return self.inner.tensor_init_context()
-
-    @override
-    def module_init_context(self) -> AbstractContextManager:
-        return self.inner.module_init_context()
-
-    @override
-    @contextmanager
-    def train_step_context(self) -> Generator[None, None, None]:
-        with self.inner.train_step_context():
-            yield
-
-    @override
-    @contextmanager
-    def val_step_context(self) -> Generator[None, None, None]:
-        with self.inner.val_step_context():
-            yield
-
-    @override
-    @contextmanager
-    def test_step_context(self) -> Generator[None, None, None]:
-        with self.inner.test_step_context():
-            yield
-
-    @override
-    @contextmanager
-    def predict_step_context(self) -> Generator[None, None, None]:
-        with self.inner.predict_step_context():
-            yield
-
-    @override
-    def convert_input(self, data: Any) -> Any:
-        return self.inner.convert_input(data)
-
-    @override
-    def convert_output(self, data: Any) -> Any:
-        return self.inner.convert_output(data)
-
-    @override
-    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
-        return self.inner.pre_backward(tensor, module)
-
-    @override
-    def backward(  # type: ignore[override]
-        self,
-        tensor: Tensor,
-        model: pl.LightningModule,
-        optimizer: Any,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        self.inner.backward(tensor, model, optimizer, *args, **kwargs)
-
-    @override
-    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
-        return self.inner.post_backward(tensor, module)
-
-    @override
-    def optimizer_step(  # type: ignore[override]
-        self,
-        optimizer: Any,
-        model: pl.LightningModule,
-        closure: Callable[[], Any],
-        **kwargs: Any,
-    ) -> Any:
-        return self.inner.optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-
-    @override
-    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self.inner.clip_grad_by_value(optimizer, clip_val)
-
-    @override
-    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self.inner.clip_grad_by_norm(optimizer, clip_val)
-
-    @override
-    def main_params(self, optimizer: Optimizer) -> Any:
-        return self.inner.main_params(optimizer)
-
-    @override
-    def unscale_gradients(self, optimizer: Optimizer) -> None:
-        self.inner.unscale_gradients(optimizer)
-
-    @override
-    def teardown(self) -> None:
-        self.inner.teardown()
+    # Every other hook is handed to the inner precision by WrappingPrecision.
 
 
 def find_plugin_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:

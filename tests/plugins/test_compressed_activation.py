@@ -155,7 +155,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="`error_bound` must be > 0, got error_bound=0"):
         CompressedActivationPrecision(codec="error_bounded", error_bound=0)
     with pytest.raises(
-        ValueError, match=r"`inner` must be one of \('32-true', 'bf16-mixed', '16-mixed'\) or a"
+        ValueError, match=r"inner='64-true' is not a supported precision; use one of \('32-true', 'bf16-mixed'"
     ):
         CompressedActivationPrecision("64-true")
     with pytest.raises(ValueError, match="`adaptive=True` needs codec='error_bounded', got codec='kbit'"):
