@@ -10,6 +10,7 @@ replicas is refused.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -42,12 +43,13 @@ def _data() -> DataLoader:
     return DataLoader(data, batch_size=BATCH)
 
 
-def _trainer(devices: int, strategy: Any, callback: DPKFAC) -> pl.Trainer:
+def _trainer(devices: int, strategy: Any, callback: DPKFAC, **kwargs: Any) -> pl.Trainer:
+    kwargs.setdefault("max_steps", STEPS)
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_steps=STEPS,
+        **kwargs,
         callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
@@ -58,7 +60,27 @@ def _trainer(devices: int, strategy: Any, callback: DPKFAC) -> pl.Trainer:
     )
 
 
-def _worker(rank: int, world_size: int) -> dict[str, Any]:
+def _resume(world_size: int, root: str) -> dict[str, Any]:
+    """Two epochs in one go vs one epoch, a checkpoint (every rank takes part) and a resumed second."""
+    full = _model()
+    _trainer(world_size, ChimeraStrategy(2, 2), DPKFAC(**OPTIONS), max_steps=-1, max_epochs=2).fit(full, _data())
+    first = _model()
+    trainer = _trainer(world_size, ChimeraStrategy(2, 2), DPKFAC(**OPTIONS), max_steps=-1, max_epochs=1)
+    trainer.fit(first, _data())
+    path = f"{root}/kfac.ckpt"
+    trainer.save_checkpoint(path)
+    trainer.strategy.barrier()
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    layers = sorted(next(v for k, v in saved.items() if "DPKFAC" in k)["layers"])
+    resumed = _model()
+    _trainer(world_size, ChimeraStrategy(2, 2), DPKFAC(**OPTIONS), max_steps=-1, max_epochs=2).fit(
+        resumed, _data(), ckpt_path=path
+    )
+    gap = max(float((a - b).abs().max()) for a, b in zip(full.parameters(), resumed.parameters(), strict=True))
+    return {"gap": gap, "layers": layers}
+
+
+def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     out: dict[str, Any] = {}
     for name, (schedule, micro_batches) in RUNS.items():
@@ -82,16 +104,20 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
             {(0, 0): torch.nn.Linear(2, 2)}, KFACOptions(assignment="dp"), data_parallel_group=dist.group.WORLD
         )
     out["refused"] = True
+    out["resume"] = _resume(world_size, root)
     return out
 
 
-def test_chimera_matches_single_device() -> None:
-    results = run_distributed(_worker, 2, timeout=120.0)
+def test_chimera_matches_single_device(tmp_path: Path) -> None:
+    results = run_distributed(_worker, 2, str(tmp_path), timeout=120.0)
     reference = _model()
     _trainer(1, "auto", DPKFAC(**OPTIONS)).fit(reference, _data())
     want = [p.detach() for p in reference.parameters()]
     blocks = reference.pipeline_blocks()
     assert all(res["refused"] for res in results)  # assignment="dp" across pipeline replicas
+    for res in results:  # the checkpoint holds every stage copy's curvature; resume is exact
+        assert len(res["resume"]["layers"]) == 2 * 4, res["resume"]["layers"]
+        assert res["resume"]["gap"] < 1e-6, res["resume"]
     for name in RUNS:
         worst = 0.0
         for res in results:
