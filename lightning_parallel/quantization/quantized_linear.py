@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_parallel.quantization.fake_quantize import quantize
 from lightning_parallel.quantization.qat_linear import QATLinear
-from lightning_parallel.quantization.quantized_weight import QuantizedWeight
+from lightning_parallel.quantization.quantized_weight import QuantizedWeight, export_parts
 
 
 class QuantizedLinear(nn.Module):
@@ -54,19 +54,7 @@ class QuantizedLinear(nn.Module):
             layer: the QAT layer.
             scale_dtype: storage dtype of the weight step sizes.
         """
-        wq = layer.weight_quantizer
-        codes, scale = wq.integer_weight(layer.weight)
-        weight = QuantizedWeight(
-            codes,
-            scale,
-            bits=wq.bits,
-            shape=layer.weight.shape,
-            group_size=wq.group_size,
-            scale_dtype=scale_dtype,
-        )
-        iq = layer.input_quantizer
-        input_scale = None if iq is None else iq.scale().detach()
-        return cls(weight, layer.bias, input_scale, (0, 0) if iq is None else iq.qrange())
+        return cls(*export_parts(layer, scale_dtype))
 
     @override
     def forward(self, input: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,3 +63,27 @@ class QuantizedWeight(nn.Module):
     def extra_repr(self) -> str:
         granularity = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         return f"bits={self.bits}, shape={self.shape}, {granularity}"
+
+
+def export_parts(
+    layer: Any, scale_dtype: torch.dtype
+) -> tuple[QuantizedWeight, Tensor | None, Tensor | None, tuple[int, int]]:
+    """What an exported layer keeps of a trained QAT layer (``QATLinear`` or ``QATConv2d``).
+
+    Returns:
+        The integer weight, the bias, the input step size (``None`` for weight-only QAT) and the input's
+        integer range (``(0, 0)`` without input quantization).
+    """
+    wq = layer.weight_quantizer
+    codes, scale = wq.integer_weight(layer.weight)
+    weight = QuantizedWeight(
+        codes,
+        scale,
+        bits=wq.bits,
+        shape=layer.weight.shape,
+        group_size=wq.group_size,
+        scale_dtype=scale_dtype,
+    )
+    iq = layer.input_quantizer
+    input_scale = None if iq is None else iq.scale().detach()
+    return weight, layer.bias, input_scale, (0, 0) if iq is None else iq.qrange()
