@@ -10,6 +10,7 @@ call fail with that worker's traceback; a worker that dies without a word, or th
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -43,7 +44,9 @@ def _worker(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=max(timeout, 10.0))
         )
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle serialises tensors by value; the queue's own pickler would pass shared-memory handles
+        # that die with this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -95,7 +98,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     continue
             if status == "error":
                 raise DistributedTestError(f"rank {rank} raised:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5)

@@ -51,3 +51,12 @@ def test_hung_worker_times_out() -> None:
 def test_dead_worker_is_reported() -> None:
     with pytest.raises(DistributedTestError, match="rank 0 died with exit code 3"):
         run_distributed(_die_on_rank_zero, 2, timeout=60)
+
+
+def _return_tensor(rank: int, world_size: int) -> torch.Tensor:
+    return torch.full((3,), float(rank))
+
+
+def test_tensors_come_back_after_the_workers_exit() -> None:
+    results = run_distributed(_return_tensor, 2, timeout=60)
+    torch.testing.assert_close(torch.stack(results), torch.tensor([[0.0] * 3, [1.0] * 3]))
