@@ -15,7 +15,8 @@ from lightning_parallel.plugins import CompressedActivationPrecision, Quantizati
 def main() -> None:
     pl.seed_everything(0)
     model = ResNetClassifier(widths=[16, 32, 64], lr=3e-3)
-    precision = CompressedActivationPrecision(inner=QuantizationPrecision(mode="qat-int8"), codec="kbit", bits=2)
+    qat = QuantizationPrecision(mode="qat-int8", ignore_modules=["blocks.0.0", "blocks.4"])
+    precision = CompressedActivationPrecision(inner=qat, codec="kbit", bits=2)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=4,
