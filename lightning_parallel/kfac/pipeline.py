@@ -27,7 +27,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -121,31 +120,17 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         self.counters["communication_seconds"] += self.clock() - start
 
     # ------------------------------------------------------------------ KL-clip
-    def _kl_clip_scale(
-        self,
-        step: int,
-        optimizer: torch.optim.Optimizer | None,
-        grads: list[torch.Tensor],
-        updates: list[torch.Tensor],
-        done: list[bool],
-    ) -> float:
-        if self.options.kl_clip is None:
-            return 1.0
-        if optimizer is None:
-            raise ValueError("`optimizer=None` but `kl_clip` is set; pass the optimizer or set `kl_clip=None`.")
-        kl_clip = self.options.at("kl_clip", step)
-        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        total = torch.zeros(1, dtype=torch.float64, device=self.layers[0].device)
-        for layer, grad, update, scaled in zip(self.layers, grads, updates, done):
-            if scaled and layer.name.startswith("replica0."):
-                lr = float(lrs.get(id(layer.module.weight), 0.0))
-                total += float((update * grad).sum()) * lr * lr
+    def _counts_for_kl(self, layer: Any) -> bool:
+        # The two copies of a stage carry the same update: count the down replica's only.
+        return bool(layer.name.startswith("replica0."))
+
+    def _reduce_kl(self, total: float) -> float:
+        # Every rank of the pipeline must use the single-device clip factor: sum over the whole pipeline.
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
-            dist.all_reduce(total, group=self.pipeline_group)
-        value = float(total)
-        if value == 0.0 or math.isnan(value):
-            return 1.0
-        return min(1.0, math.sqrt(kl_clip / abs(value)))
+            summed = torch.tensor([total], dtype=torch.float64, device=self.layers[0].device)
+            dist.all_reduce(summed, group=self.pipeline_group)
+            return float(summed)
+        return total
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

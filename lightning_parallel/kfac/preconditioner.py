@@ -324,12 +324,21 @@ class KFACPreconditioner:
         lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         total = 0.0
         for layer, grad, update, scaled in zip(self.layers, grads, updates, done):
-            if scaled:
+            if scaled and self._counts_for_kl(layer):
                 lr = float(lrs.get(id(layer.module.weight), 0.0))
                 total += float((update * grad).sum()) * lr * lr
+        total = self._reduce_kl(total)
         if total == 0.0 or math.isnan(total):
             return 1.0
         return min(1.0, math.sqrt(kl_clip / abs(total)))
+
+    def _counts_for_kl(self, layer: Any) -> bool:
+        """Whether ``layer``'s term enters the KL-clip sum (a subclass holding copies counts each once)."""
+        return True
+
+    def _reduce_kl(self, total: float) -> float:
+        """The KL-clip sum over every rank that shares this update (this rank alone here)."""
+        return total
 
     # ------------------------------------------------------------------ bookkeeping
     def curvature_bytes(self) -> int:
