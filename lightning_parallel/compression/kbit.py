@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 from lightning_parallel.compression.codec import Codec, tensor_nbytes
-from lightning_parallel.compression.masks import PackedMask, pack_mask, unpack_mask
+from lightning_parallel.compression.masks import PackedMask, pack_mask, restore_dense
 
 __all__ = ["KBitCodec", "KBitEncoded"]
 
@@ -202,12 +202,4 @@ class KBitCodec(Codec):
             :count
         ]
         vals = vals.to(encoded.dtype)
-        if encoded.nonzero is not None:
-            keep = unpack_mask(encoded.nonzero)
-            out = torch.zeros(keep.shape, dtype=encoded.dtype, device=vals.device)
-            out.masked_scatter_(keep, vals)
-        else:
-            out = vals
-        if encoded.exc_index is not None and encoded.exc_value is not None:
-            out[encoded.exc_index.long()] = encoded.exc_value
-        return out.view(encoded.shape)
+        return restore_dense(vals, encoded.nonzero, encoded.exc_index, encoded.exc_value, encoded.shape)

@@ -55,3 +55,23 @@ def unpack_mask(packed: PackedMask) -> Tensor:
         numel *= s
     flat = unpack_bits(packed.bits, 1, numel)
     return flat.to(packed.dtype).view(packed.shape)
+
+
+def restore_dense(
+    vals: Tensor,
+    nonzero: PackedMask | None,
+    exc_index: Tensor | None,
+    exc_value: Tensor | None,
+    shape: torch.Size,
+) -> Tensor:
+    """The decoded tensor of ``shape``: ``vals`` scattered back into the non-zero positions (when the codec
+    kept a zero mask) and the values stored exactly (``exc_index`` / ``exc_value``) written over them."""
+    if nonzero is not None:
+        keep = unpack_mask(nonzero)
+        out = torch.zeros(keep.shape, dtype=vals.dtype, device=vals.device)
+        out.masked_scatter_(keep, vals)
+    else:
+        out = vals
+    if exc_index is not None and exc_value is not None:
+        out[exc_index.long()] = exc_value
+    return out.view(shape)
