@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 from lightning_parallel.compression.codec import Codec, tensor_nbytes
 from lightning_parallel.compression.lossless import ZstdBytes, zstd_compress, zstd_decompress
-from lightning_parallel.compression.masks import PackedMask, pack_mask, restore_dense
+from lightning_parallel.compression.masks import PackedMask, compact, pack_mask, restore_dense
 
 __all__ = ["ErrorBoundedCodec", "ErrorBoundedEncoded"]
 
@@ -191,21 +191,26 @@ class ErrorBoundedCodec(Codec):
         step = float(torch.tensor(step, dtype=work))
         if not 0 < step < float("inf") or amax / step >= _MAX_ABS_CODE:
             return _raw(x)
-        q = torch.floor(vals / step) if offset else torch.round(vals / step)
+        q = torch.div(vals, step, rounding_mode="floor") if offset else torch.round(vals / step)
         qmin_t, qmax_t = torch.aminmax(q)
         qmin, qmax = int(qmin_t), int(qmax_t)
         bits = (qmax - qmin).bit_length()
         if bits > _MAX_CODE_BITS:
             return _raw(x)
-        xhat = ((q + offset) * step).to(x.dtype)
+        xhat = q.add(offset).mul_(step)
+        if x.dtype != work:
+            xhat = xhat.to(x.dtype).to(work)
         if eb >= _MIN_FAST_CHECK_BOUND:
             # |x_hat - x| in the work dtype is off by at most a 2**-24 relative rounding (results in
             # the subnormal range are exact), so a bound shrunk by 2**-20 proves the true bound
-            bad = ~((xhat.to(work) - xw).abs() <= eb * (1.0 - 2.0**-20))
+            bad = xhat.sub_(xw).abs_().gt_(eb * (1.0 - 2.0**-20)).bool()
         else:
-            bad = ~((xhat.double() - flat.double()).abs() <= eb)
+            bad = (xhat.double() - flat.double()).abs() > eb
+        if not all_finite:
+            bad |= ~finite  # a comparison with NaN is false
         nonzero: PackedMask | None = None
         keep: Tensor | None = None
+        kept = n
         if offset:
             zero = flat == 0
             zeros = int(zero.sum())
@@ -213,6 +218,7 @@ class ErrorBoundedCodec(Codec):
                 # a mask costs n bits and saves the zeros' codes; exceptions cost index + value each
                 if n - zeros * bits <= zeros * 8 * (4 + x.element_size()):
                     keep = ~zero
+                    kept = n - zeros
                     nonzero = pack_mask(keep)
                     bad &= keep
                 else:
@@ -222,9 +228,9 @@ class ErrorBoundedCodec(Codec):
             exc_index = bad.nonzero().view(-1)
             exc_index = exc_index.to(torch.int32) if n < 2**31 else exc_index
             exc_value = flat[exc_index.long()].clone()
-        codes = q.to(torch.int32) - qmin
         if keep is not None:
-            codes = codes[keep]
+            q = compact(q, keep, kept)
+        codes = q.sub_(qmin).to(torch.int32)
         count = codes.numel()
         packed = pack_bits(codes, bits)
         payload: Tensor | ZstdBytes = packed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 
-__all__ = ["PackedMask", "is_binary", "pack_mask", "unpack_mask"]
+__all__ = ["PackedMask", "compact", "is_binary", "pack_mask", "restore_dense", "unpack_mask"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class PackedMask:
         """Bytes held by the packed bits."""
         return self.bits.numel()
 
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
 
 def is_binary(x: Tensor) -> bool:
     """Whether every element of ``x`` is 0 or 1 (always true for ``bool``)."""
@@ -45,16 +51,46 @@ def pack_mask(x: Tensor) -> PackedMask:
     Args:
         x: a ``bool`` tensor, or any tensor whose elements are all 0 or 1.
     """
-    return PackedMask(pack_bits(x.reshape(-1).to(torch.uint8), 1), x.shape, x.dtype)
+    flat = x.reshape(-1)
+    # a bool tensor already holds one 0/1 byte per element: reinterpret it instead of copying
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
+    return PackedMask(pack_bits(flat, 1), x.shape, x.dtype)
 
 
 def unpack_mask(packed: PackedMask) -> Tensor:
     """Restores the tensor stored by :func:`pack_mask` (same shape and dtype)."""
-    numel = 1
-    for s in packed.shape:
-        numel *= s
-    flat = unpack_bits(packed.bits, 1, numel)
+    flat = unpack_bits(packed.bits, 1, packed.numel)
     return flat.to(packed.dtype).view(packed.shape)
+
+
+def _positions(keep: Tensor, count: int) -> Tensor:
+    """For every element of the flat 0/1 tensor ``keep``: its rank among the kept elements, or ``count``
+    (``int32`` below 2**31 elements, which ``index_select`` takes as is).
+
+    A prefix sum and two element-wise ops: on CPU several times faster than the ``nonzero`` behind
+    boolean indexing and ``masked_scatter_``, whose cost is one unpredictable branch per element.
+    """
+    dtype = torch.int32 if keep.numel() < 2**31 else torch.int64
+    k = keep.to(dtype)
+    rank = torch.cumsum(k, 0, dtype=dtype)
+    # kept: rank - 1; dropped: count
+    return rank.sub_(1 + count).mul_(k).add_(count)
+
+
+def compact(flat: Tensor, keep: Tensor, count: int) -> Tensor:
+    """``flat[keep]`` for a flat tensor and a flat bool mask with ``count`` true elements.
+
+    Scatters every element to its rank among the kept ones; the dropped ones all go to one extra
+    slot that is cut off.
+
+    Args:
+        flat: a 1-D tensor.
+        keep: a 1-D ``bool`` tensor of the same length.
+        count: the number of ``True`` elements of ``keep``.
+    """
+    out = flat.new_empty(count + 1)
+    out.scatter_(0, _positions(keep, count).long(), flat)
+    return out[:count]
 
 
 def restore_dense(
@@ -67,9 +103,10 @@ def restore_dense(
     """The decoded tensor of ``shape``: ``vals`` scattered back into the non-zero positions (when the codec
     kept a zero mask) and the values stored exactly (``exc_index`` / ``exc_value``) written over them."""
     if nonzero is not None:
-        keep = unpack_mask(nonzero)
-        out = torch.zeros(keep.shape, dtype=vals.dtype, device=vals.device)
-        out.masked_scatter_(keep, vals)
+        keep = unpack_bits(nonzero.bits, 1, nonzero.numel)
+        # gather from the values followed by one zero, which every dropped element reads
+        padded = torch.cat([vals.reshape(-1), vals.new_zeros(1)])
+        out = padded.index_select(0, _positions(keep, vals.numel()))
     else:
         out = vals
     if exc_index is not None and exc_value is not None:
