@@ -213,7 +213,7 @@ class ErrorBoundedCodec(Codec):
         kept = n
         if offset:
             zero = flat == 0
-            zeros = int(zero.sum())
+            zeros = int(torch.count_nonzero(zero))
             if zeros:
                 # a mask costs n bits and saves the zeros' codes; exceptions cost index + value each
                 if n - zeros * bits <= zeros * 8 * (4 + x.element_size()):

@@ -156,7 +156,7 @@ class KBitCodec(Codec):
         vals = flat
         if self.zero_mask:
             keep = flat != 0
-            kept = int(keep.sum())
+            kept = int(torch.count_nonzero(keep))
             if (flat.numel() - kept) * 4 >= flat.numel():
                 nonzero = pack_mask(keep)
                 vals = compact(flat, keep, kept)
@@ -176,15 +176,15 @@ class KBitCodec(Codec):
         levels = (1 << self.bits) - 1
         scale = (hi - lo) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        t = v.sub(lo).div_(scale)
+        # floor((v - lo) / scale + u): u = (b + 0.5) / 256 for a random byte b (stochastic) or
+        # 0.5 (nearest); the constant part of u is folded into the subtracted minimum and, as
+        # the argument is never negative, truncation by the integer cast is the floor
+        shift = 0.5 / 256 if self.stochastic else 0.5
+        t = v.sub(lo - scale * shift).div_(scale)
         if self.stochastic:
-            # floor(t + u), u on the 256 midpoints (b + 0.5) / 256 of a random byte b
-            t.add_(self._dither_bytes(t.numel(), t.device).view(t.shape), alpha=1.0 / 256).add_(0.5 / 256)
-            t.floor_()
-        else:
-            t.round_()
+            t.add_(self._dither_bytes(t.numel(), t.device).view(t.shape), alpha=1.0 / 256)
         # through int16: a float -> uint8 conversion is several times slower on CPU
-        codes = pack_bits(t.clamp_(0, levels).to(torch.int16).to(torch.uint8).view(-1)[:count], self.bits)
+        codes = pack_bits(t.to(torch.int16).clamp_(0, levels).to(torch.uint8).view(-1)[:count], self.bits)
         return KBitEncoded(
             x.shape,
             x.dtype,
