@@ -6,13 +6,16 @@ and per-step overhead.
 (a) ``convergence``: steps (median over seeds) to a training target on two digits tasks, every
     optimizer with its learning rate tuned over a small grid in the same run: ``autoencoder``
     (64-128-64-32-16-32-64-128-64 tanh, MSE, batch 128, full-train MSE <= 0.0125) and ``cnn``
-    (small CNN, batch 64, full-train cross-entropy <= 0.05). K-FAC runs on top of SGD with momentum.
+    (small CNN, batch 64, full-train cross-entropy <= 0.05). K-FAC runs on top of SGD with momentum,
+    as ``kfac`` (the sampled Fisher of the task's likelihood: Gaussian for the autoencoder,
+    categorical for the CNN) and ``kfac_empirical`` (the gradients of the training loss).
 (b) ``distributed``: per worker and per step, K-FAC compute (CPU seconds of factor building,
     decomposition and preconditioning), bytes communicated and bytes of curvature state, for
     ``dp`` and ``replicated`` on the digits ResNet at 2 and 4 gloo workers; once with factors and
     decompositions refreshed every step (the paper's setting), once with 10 / 100.
 (c) ``overhead``: time per training step with K-FAC (factor_update_steps=10,
-    inv_update_steps=100) over the plain optimizer's, both timed in the same run, interleaved.
+    inv_update_steps=100) over the plain optimizer's, both timed in the same run, interleaved;
+    for the eigen and inverse methods and the empirical and sampled Fisher.
 
 The training loops call ``KFACPreconditioner.step`` directly, which is what the ``DPKFAC``
 callback does in ``on_before_optimizer_step``.
@@ -89,6 +92,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "target": 0.0125,
         "loss": lambda out, x, y: F.mse_loss(out, x, reduction="sum") / x.shape[0],
         "metric": lambda out, x, y: F.mse_loss(out, x),
+        "fisher": "gaussian",
     },
     "cnn": {
         "model": cnn,
@@ -96,6 +100,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "target": 0.05,
         "loss": lambda out, x, y: F.cross_entropy(out, y),
         "metric": lambda out, x, y: F.cross_entropy(out, y),
+        "fisher": "categorical",
     },
 }
 
@@ -115,17 +120,23 @@ def steps_to_target(
 ) -> tuple[int | None, float]:
     """Trains until the full-train loss reaches the task's target; returns (steps, seconds) or (None, s).
 
-    ``setting`` is ``(lr,)`` for SGD and Adam, ``(lr, damping, kl_clip)`` for K-FAC (on SGD with momentum).
+    ``setting`` is ``(lr,)`` for SGD and Adam, ``(lr, damping, kl_clip)`` for K-FAC (on SGD with momentum);
+    ``optimizer_name`` is ``"kfac"`` (the sampled Fisher matching the task's likelihood: ``"gaussian"``
+    for the autoencoder, ``"categorical"`` for the CNN) or ``"kfac_empirical"`` (the empirical Fisher).
     """
     lr = setting[0]
     spec = TASKS[task]
     x, y = digits()
     torch.manual_seed(seed)
     model = spec["model"]()
-    optimizer = make_optimizer("sgd" if optimizer_name == "kfac" else optimizer_name, model.parameters(), lr)
+    use_kfac = optimizer_name.startswith("kfac")
+    optimizer = make_optimizer("sgd" if use_kfac else optimizer_name, model.parameters(), lr)
     kfac = None
-    if optimizer_name == "kfac":
-        options = KFACOptions(**{**KFAC_SETTINGS, "damping": setting[1], "kl_clip": setting[2]})
+    if use_kfac:
+        fisher = spec["fisher"] if optimizer_name == "kfac" else "empirical"
+        options = KFACOptions(
+            **{**KFAC_SETTINGS, "damping": setting[1], "kl_clip": setting[2], "fisher": fisher}
+        )
         kfac = KFACPreconditioner(model, options)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=gen)
@@ -153,24 +164,35 @@ def steps_to_target(
 
 
 def convergence(quick: bool) -> list[dict[str, Any]]:
+    # K-FAC settings are (lr, damping, kl_clip); the "kfac" grids hold the best points of a preliminary
+    # exploration of the sampled Fisher (see RESULTS.md), so the first-order grids get five points each
     grids: dict[str, dict[str, list[tuple[float, ...]]]] = {
         "autoencoder": {
-            "sgd": [(0.003,), (0.01,), (0.03,)],
-            "adam": [(0.003,), (0.01,), (0.03,)],
-            "kfac": [(3.0, 0.3, 0.01), (3.0, 1.0, 0.01), (10.0, 1.0, 0.01)],
+            "sgd": [(0.01,), (0.02,), (0.03,), (0.05,), (0.1,)],
+            "adam": [(0.003,), (0.005,), (0.01,), (0.02,), (0.03,)],
+            "kfac": [(0.3, 0.03, 0.01), (0.3, 0.1, 0.01), (0.3, 0.3, 0.01)],
+            "kfac_empirical": [(3.0, 0.3, 0.01), (3.0, 1.0, 0.01), (10.0, 1.0, 0.01)],
         },
         "cnn": {
-            "sgd": [(0.03,), (0.1,), (0.3,)],
-            "adam": [(0.003,), (0.01,), (0.03,)],
-            "kfac": [(0.1, 0.003, 0.001), (0.3, 0.01, 0.001), (1.0, 0.1, 0.01)],
+            "sgd": [(0.03,), (0.05,), (0.1,), (0.2,), (0.3,)],
+            "adam": [(0.003,), (0.005,), (0.01,), (0.02,), (0.03,)],
+            "kfac": [(0.1, 0.003, 0.001), (0.3, 0.01, 0.001), (0.3, 0.03, 0.001)],
+            "kfac_empirical": [(0.1, 0.003, 0.001), (0.3, 0.01, 0.001), (1.0, 0.1, 0.01)],
         },
     }
     seeds = [0, 1, 2]
     max_steps = {"autoencoder": 2000, "cnn": 600}
-    if quick:  # the two best grid points of the full run, one seed
-        grids = {task: {name: grid[1:] for name, grid in by_opt.items()} for task, by_opt in grids.items()}
+    if quick:  # two grid points around each full run's best, one seed
+        quick_points = {
+            "autoencoder": {"sgd": [2, 4], "adam": [2, 3], "kfac": [1, 2], "kfac_empirical": [1, 2]},
+            "cnn": {"sgd": [2, 3], "adam": [3, 4], "kfac": [1, 2], "kfac_empirical": [1, 2]},
+        }
+        grids = {
+            task: {name: [grid[k] for k in quick_points[task][name]] for name, grid in by_opt.items()}
+            for task, by_opt in grids.items()
+        }
         seeds = [0]
-        max_steps = {"autoencoder": 800, "cnn": 300}
+        max_steps = {"autoencoder": 1000, "cnn": 300}
     rows = []
     for task, grid in grids.items():
         for name, settings in grid.items():
@@ -181,7 +203,7 @@ def convergence(quick: bool) -> list[dict[str, Any]]:
                 ]
                 steps = [r[0] if r[0] is not None else float("inf") for r in results]
                 median = statistics.median(steps)
-                print(f"  {task:12s} {name:5s} setting={setting} steps={steps}", flush=True)
+                print(f"  {task:12s} {name:14s} setting={setting} steps={steps}", flush=True)
                 if best is None or median < best["median"]:
                     seconds = statistics.median([r[1] for r in results])
                     best = {"median": median, "setting": setting, "seconds": seconds, "steps": steps}
@@ -310,7 +332,15 @@ def distributed(quick: bool) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- (c) overhead
-def step_time(task: str, use_kfac: bool, steps: int, fus: int, ius: int) -> float:
+def step_time(
+    task: str,
+    use_kfac: bool,
+    steps: int,
+    fus: int,
+    ius: int,
+    method: str = "eigen",
+    fisher: str = "empirical",
+) -> float:
     spec = TASKS[task]
     x, y = digits()
     torch.manual_seed(0)
@@ -318,7 +348,13 @@ def step_time(task: str, use_kfac: bool, steps: int, fus: int, ius: int) -> floa
     optimizer = make_optimizer("sgd", model.parameters(), 0.05)
     kfac = None
     if use_kfac:
-        settings = {**KFAC_SETTINGS, "factor_update_steps": fus, "inv_update_steps": ius}
+        settings = {
+            **KFAC_SETTINGS,
+            "factor_update_steps": fus,
+            "inv_update_steps": ius,
+            "method": method,
+            "fisher": fisher,
+        }
         kfac = KFACPreconditioner(model, KFACOptions(**settings))
     b = spec["batch"]
     times = []
@@ -337,14 +373,21 @@ def step_time(task: str, use_kfac: bool, steps: int, fus: int, ius: int) -> floa
 def overhead(quick: bool) -> list[dict[str, Any]]:
     rows = []
     steps, repeats = (200, 3) if quick else (400, 5)
-    for task in ("cnn", "autoencoder"):
+    configs = [
+        ("cnn", "eigen", "empirical"),
+        ("cnn", "inverse", "empirical"),
+        ("cnn", "eigen", "categorical"),
+        ("autoencoder", "eigen", "empirical"),
+    ]
+    for task, method, fisher in configs:
         plain, kfac = [], []
         for _ in range(repeats):  # interleaved so that load changes hit both
             plain.append(step_time(task, False, steps, 10, 100))
-            kfac.append(step_time(task, True, steps, 10, 100))
+            kfac.append(step_time(task, True, steps, 10, 100, method, fisher))
         ratio = statistics.median(kfac) / statistics.median(plain)
         print(
-            f"  {task:12s} plain {statistics.median(plain) / steps * 1e3:.2f} ms/step, K-FAC x{ratio:.2f}",
+            f"  {task:12s} {method:8s} {fisher:12s} plain {statistics.median(plain) / steps * 1e3:.2f} ms/step,"
+            f" K-FAC {statistics.median(kfac) / steps * 1e3:.2f} ms/step, x{ratio:.2f}",
             flush=True,
         )
         rows.append(
@@ -353,6 +396,10 @@ def overhead(quick: bool) -> list[dict[str, Any]]:
                 "factor_update_steps": 10,
                 "inv_update_steps": 100,
                 "step_time_ratio": round(ratio, 3),
+                "method": method,
+                "fisher": fisher,
+                "plain_ms_per_step": round(statistics.median(plain) / steps * 1e3, 3),
+                "kfac_ms_per_step": round(statistics.median(kfac) / steps * 1e3, 3),
             }
         )
     return rows
@@ -389,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_tables(out: dict[str, Any]) -> None:
     for row in out.get("convergence", []):
         print(
-            f"convergence {row['task']:12s} {row['optimizer']:5s} setting={row['setting']}"
+            f"convergence {row['task']:12s} {row['optimizer']:14s} setting={row['setting']}"
             f" steps={row['steps_to_target']} seconds={row['seconds_to_target']} per seed={row['steps_per_seed']}"
         )
     for row in out.get("distributed", []):
@@ -400,7 +447,10 @@ def print_tables(out: dict[str, Any]) -> None:
             f" curvature={row['curvature_bytes_per_worker']:.0f}"
         )
     for row in out.get("overhead", []):
-        print(f"overhead {row['task']:12s} step_time_ratio={row['step_time_ratio']}")
+        print(
+            f"overhead {row['task']:12s} {row['method']:8s} {row['fisher']:12s}"
+            f" step_time_ratio={row['step_time_ratio']}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
+from lightning_parallel.kfac.options import Fisher
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 
 
@@ -66,12 +67,22 @@ class DPKFAC(Callback):
             ``pi = sqrt((tr A / dim A) / (tr G / dim G))``. Default ``True``.
         skip_layers: Regular expressions; layers whose qualified name or class name matches one
             are left to the optimizer. Default none.
+        fisher: Where ``G`` comes from. ``"empirical"`` (default): the gradients of the training
+            loss, for any loss. ``"gaussian"`` (regression) or ``"categorical"`` (logits, classes
+            along the last dimension): the true Fisher, from an extra backward pass on factor-update
+            steps of the negative log-likelihood of targets sampled from the model's prediction
+            (``output + N(0, I)``, or ``softmax(output)``). A callable ``output -> loss`` samples its
+            own targets and returns the loss summed over the examples. Not under pipeline strategies.
+        fisher_output: Qualified name of the module whose output is the prediction, for a sampled
+            ``fisher``; ``None`` (default): the last ``nn.Linear``/``nn.Conv2d`` preconditioned.
+        fisher_seed: Seed of the sampled Fisher's random generator (plus the rank). Default 0.
         log_every_n_steps: Steps between logging the per-rank counters; ``None`` uses the
             Trainer's ``log_every_n_steps``; 0 turns logging off.
 
     Raises:
         ValueError: On non-positive damping or KL-clip, update intervals below 1, an unknown
-            assignment or method, a bad schedule, or (at setup) a model with no supported layer.
+            assignment, method or ``fisher``, a bad schedule, or (at setup) a model with no supported
+            layer, a ``fisher_output`` naming no module, or a sampled ``fisher`` under ChimeraStrategy.
     """
 
     def __init__(
@@ -86,6 +97,9 @@ class DPKFAC(Callback):
         method: Literal["eigen", "inverse"] = "eigen",
         factored_damping: bool = True,
         skip_layers: Sequence[str] = (),
+        fisher: Fisher = "empirical",
+        fisher_output: str | None = None,
+        fisher_seed: int = 0,
         log_every_n_steps: int | None = None,
     ) -> None:
         self.options = KFACOptions(
@@ -98,6 +112,9 @@ class DPKFAC(Callback):
             method=method,
             factored_damping=factored_damping,
             skip_layers=tuple(skip_layers),
+            fisher=fisher,
+            fisher_output=fisher_output,
+            fisher_seed=fisher_seed,
         )
         if log_every_n_steps is not None and log_every_n_steps < 0:
             raise ValueError(
@@ -115,6 +132,11 @@ class DPKFAC(Callback):
             return
         check_strategy(trainer.strategy, trainer.world_size)
         if isinstance(trainer.strategy, ChimeraStrategy):
+            if self.options.sampled_fisher:
+                raise ValueError(
+                    f"`fisher={self.options.fisher!r}` is not supported under ChimeraStrategy (the prediction lives"
+                    " on the last stage only); use fisher='empirical'."
+                )
             self._previous = self.preconditioner
             self.preconditioner = None  # built over the held stage copies once the pipeline exists
             return

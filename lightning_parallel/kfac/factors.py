@@ -35,15 +35,17 @@ def supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_rows(module: nn.Module, x: torch.Tensor, bias_column: bool = True) -> torch.Tensor:
     """The rows ``a_r`` of a layer's input, with a ones column when the layer has a bias.
 
     Args:
         module: An ``nn.Linear`` or ``nn.Conv2d``.
         x: The layer's input: ``(n, ..., in_features)`` for Linear, ``(n, C, H, W)`` for Conv2d.
+        bias_column: Whether to append the ones column of a layer with a bias.
 
     Returns:
-        A float32 (or wider) tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column.
+        A float32 (or wider) tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column
+        when ``bias_column`` is set.
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     if isinstance(module, nn.Conv2d):
@@ -52,9 +54,37 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (n*L, C*kh*kw)
     else:
         rows = x.reshape(-1, x.shape[-1])  # (n*T, in)
-    if module.bias is not None:
+    if bias_column and module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return rows
+
+
+def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``sum_r a_r a_r^T`` over a layer input's rows, bias entries included, and the number of rows.
+
+    The bias part is formed from column sums (``[[R^T R, R^T 1], [1^T R, rows]]``) instead of
+    copying the rows with a ones column.
+
+    Args:
+        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        x: The layer's input.
+
+    Returns:
+        The ``(in_dim, in_dim)`` sum and the row count.
+    """
+    rows = input_rows(module, x, bias_column=False)
+    count = rows.shape[0]
+    if module.bias is None:
+        return gram(rows), count
+    dim = rows.shape[1]
+    out = rows.new_empty(dim + 1, dim + 1)
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        torch.mm(rows.t(), rows, out=out[:dim, :dim])
+        sums = rows.sum(0)
+    out[:dim, dim] = sums
+    out[dim, :dim] = sums
+    out[dim, dim] = count
+    return out, count
 
 
 def output_grad_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_parallel.kfac.factors import gram, input_rows, layer_dims, output_grad_rows
+from lightning_parallel.kfac.factors import gram, input_gram, layer_dims, output_grad_rows
 
 Method = Literal["eigen", "inverse"]
 
@@ -80,10 +80,9 @@ class KFACLayer:
         Args:
             x: The layer's input tensor.
         """
-        rows = input_rows(self.module, x.to(self.dtype))  # (rows, in_dim)
-        contribution = gram(rows)
+        contribution, rows = input_gram(self.module, x.to(self.dtype))
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
-        self.a_rows += rows.shape[0]
+        self.a_rows += rows
         self.examples += x.shape[0]
 
     def accumulate_grad(self, grad: torch.Tensor) -> None:
@@ -95,12 +94,17 @@ class KFACLayer:
         contribution = gram(output_grad_rows(self.module, grad.to(self.dtype)))
         self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
 
-    def batch_factors(self, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def batch_factors(
+        self, grad_scale: float = 1.0, per_example: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The current step's ``A`` and ``G`` on the per-example Fisher scale.
 
         Args:
             grad_scale: The loss scale the recorded gradients carry (the AMP scaler's scale); it is
                 divided out so that it never reaches ``G``.
+            per_example: Whether the recorded gradients are already those of each example's own
+                loss (the sampled Fisher): ``G`` is then their mean over the examples, not ``n`` times
+                their sum.
 
         Returns:
             ``(A, G)``, or ``None`` when the forward or the backward hook did not fire this step.
@@ -109,7 +113,10 @@ class KFACLayer:
             return None
         self.rows_per_step = self.a_rows
         a_new = self.a_sum / self.a_rows
-        g_new = self.g_sum * (self.examples / (grad_scale * grad_scale))
+        if per_example:
+            g_new = self.g_sum / self.examples
+        else:
+            g_new = self.g_sum * (self.examples / (grad_scale * grad_scale))
         return a_new, g_new
 
     # ------------------------------------------------------------------ factors
@@ -156,8 +163,8 @@ class KFACLayer:
             eye_a = torch.eye(self.in_dim, dtype=a.dtype, device=a.device)
             eye_g = torch.eye(self.out_dim, dtype=g.dtype, device=g.device)
             result = {
-                "a_inv": torch.linalg.inv(a + pi * root * eye_a),
-                "g_inv": torch.linalg.inv(g + (root / pi) * eye_g),
+                "a_inv": _spd_inverse(a + pi * root * eye_a),
+                "g_inv": _spd_inverse(g + (root / pi) * eye_g),
             }
         if not all(bool(torch.isfinite(t).all()) for t in result.values()):
             raise RuntimeError(f"the decomposition of layer {self.name!r} is not finite")
@@ -253,3 +260,12 @@ class KFACLayer:
         self._inverses = None
         self._reused = bool(state.get("reused", False))
         self.rows_per_step = int(state["rows_per_step"])
+
+
+def _spd_inverse(mat: torch.Tensor) -> torch.Tensor:
+    """The inverse of a symmetric positive-definite matrix through its Cholesky factor (about 3x
+    cheaper than a general inverse); a general inverse when the factorisation fails."""
+    chol, info = torch.linalg.cholesky_ex(mat)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.inv(mat)

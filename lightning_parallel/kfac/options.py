@@ -7,11 +7,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from lightning_parallel.kfac.schedule import Schedule, check_schedule, resolve
 
 Assignment = Literal["dp", "replicated"]
 ASSIGNMENTS = ("dp", "replicated")
 METHODS = ("eigen", "inverse")
+FISHERS = ("empirical", "gaussian", "categorical")
+# "empirical", "gaussian", "categorical", or ``output -> loss`` on targets sampled from the model
+Fisher = str | Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -31,6 +36,17 @@ class KFACOptions:
         factored_damping: Split the damping between the factors by ``pi`` (``pi = 1`` if off).
         skip_layers: Regular expressions; a layer whose qualified name or class name matches one
             (``re.search``) is left to the optimizer.
+        fisher: Where ``G`` comes from. ``"empirical"``: the gradients of the training loss.
+            ``"gaussian"`` / ``"categorical"`` (the true Fisher, sampled): on factor-update steps an
+            extra backward pass of the negative log-likelihood of targets sampled from the model's
+            predictive distribution, ``output + N(0, I)`` (regression; the Gauss-Newton matrix of
+            ``0.5 * ||output - y||^2``) or ``softmax(output)`` over the last dimension
+            (classification). A callable ``output -> loss`` samples its own targets and returns the
+            negative log-likelihood summed over the examples (``reduction="sum"``), so that its
+            gradient is each example's own.
+        fisher_output: Qualified name of the module whose output is the model's prediction (used
+            by the sampled Fisher); ``None``: the last preconditioned layer.
+        fisher_seed: Seed of the sampled Fisher's random generator (offset by the rank).
     """
 
     damping: Schedule = 0.001
@@ -42,8 +58,17 @@ class KFACOptions:
     method: Literal["eigen", "inverse"] = "eigen"
     factored_damping: bool = True
     skip_layers: Sequence[str] = field(default_factory=tuple)
+    fisher: Fisher = "empirical"
+    fisher_output: str | None = None
+    fisher_seed: int = 0
 
     def __post_init__(self) -> None:
+        if not callable(self.fisher) and self.fisher not in FISHERS:
+            raise ValueError(
+                f"`fisher={self.fisher!r}` is unknown; use 'empirical' (gradients of the training loss),"
+                " 'gaussian' (sampled Fisher of a regression output), 'categorical' (sampled Fisher of"
+                " logits) or a callable `output -> loss` on sampled targets."
+            )
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(
                 f"`assignment={self.assignment!r}` is unknown; use 'dp' (one owner per layer, broadcast of the"
@@ -80,6 +105,11 @@ class KFACOptions:
             raise ValueError(f"`factor_decay={value}` must be in [0, 1), for example 0.95.")
         if name in ("factor_update_steps", "inv_update_steps") and (value < 1 or value != int(value)):
             raise ValueError(f"`{name}={value}` must be an integer >= 1 (1 updates every optimizer step).")
+
+    @property
+    def sampled_fisher(self) -> bool:
+        """Whether ``G`` comes from a backward pass on sampled targets (not the training loss)."""
+        return self.fisher != "empirical"
 
     def at(self, name: str, step: int) -> float:
         """A hyperparameter's value at an optimizer step, checked.

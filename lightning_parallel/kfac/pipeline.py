@@ -50,8 +50,8 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             (``None`` or a group of one rank: a single pipeline).
 
     Raises:
-        ValueError: If no held copy has a supported layer, or ``assignment="dp"`` with several
-            pipeline replicas.
+        ValueError: If no held copy has a supported layer, ``assignment="dp"`` with several
+            pipeline replicas, or a sampled ``fisher``.
     """
 
     def __init__(
@@ -64,8 +64,15 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         data_parallel_group: Any = None,
     ) -> None:
         options = options if options is not None else KFACOptions()
+        if options.sampled_fisher:
+            raise ValueError(
+                f"`fisher={options.fisher!r}` is not supported under a pipeline strategy (the prediction lives on"
+                " the last stage only); use fisher='empirical'."
+            )
         distributed = dist.is_available() and dist.is_initialized()
-        dp_size = dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
+        dp_size = (
+            dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
+        )
         if dp_size > 1 and options.assignment == "dp":
             raise ValueError(
                 f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
@@ -96,12 +103,23 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             layer = self.layers[i]
             fired = layer.a_sum is not None and layer.g_sum is not None
             a = layer.a_sum if fired and layer.a_sum is not None else torch.zeros(layer.in_dim, layer.in_dim)
-            g = layer.g_sum if fired and layer.g_sum is not None else torch.zeros(layer.out_dim, layer.out_dim)
-            pieces += [a.to(dtype=dtype, device=device).reshape(-1), g.to(dtype=dtype, device=device).reshape(-1)]
+            g = (
+                layer.g_sum
+                if fired and layer.g_sum is not None
+                else torch.zeros(layer.out_dim, layer.out_dim)
+            )
+            pieces += [
+                a.to(dtype=dtype, device=device).reshape(-1),
+                g.to(dtype=dtype, device=device).reshape(-1),
+            ]
             if fired:
-                counts[3 * j : 3 * j + 3] = torch.tensor([layer.a_rows, layer.examples, 1.0], dtype=torch.float64)
+                counts[3 * j : 3 * j + 3] = torch.tensor(
+                    [layer.a_rows, layer.examples, 1.0], dtype=torch.float64
+                )
         flat = torch.cat(pieces)
-        self.comm.bytes_communicated += flat.numel() * flat.element_size() + counts.numel() * counts.element_size()
+        self.comm.bytes_communicated += (
+            flat.numel() * flat.element_size() + counts.numel() * counts.element_size()
+        )
         dist.all_reduce(flat, group=self.pair_group)
         dist.all_reduce(counts, group=self.pair_group)
         offset = 0

@@ -87,9 +87,30 @@ class KFACPreconditioner:
         # the counters' clock; ``time.process_time`` measures CPU work on oversubscribed machines
         self.clock: Callable[[], float] = time.perf_counter
         self.warned_silent: set[str] = set()
+        # sampled Fisher: layers recorded since the last sampled backward; whether one is running
+        self.sampling = False
+        self._pending: dict[int, None] = {}
+        self._generator: torch.Generator | None = None
+        self._output_module = self._fisher_output_module(model) if self.options.sampled_fisher else None
+        # forward hooks are registered only while the next step updates the factors, and only on
+        # the layers this rank records, so other steps run the model at its plain speed
         self._handles: list[Any] = []
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(index)))
+        self._hooks_enabled = True
+        self._sync_hooks()
+
+    def _fisher_output_module(self, model: nn.Module) -> nn.Module:
+        name = self.options.fisher_output
+        if name is None:
+            return self.layers[-1].module
+        modules = dict(model.named_modules())
+        if name not in modules:
+            linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            raise ValueError(
+                f"`fisher_output={name!r}` names no module of {type(model).__name__}; pass the qualified name of"
+                f" the module whose output is the prediction (for example {linear[-1:]!r}) or None for the last"
+                " preconditioned layer."
+            )
+        return modules[name]
 
     # ------------------------------------------------------------------ setup
     def _skipped(self, name: str, module: nn.Module) -> bool:
@@ -98,10 +119,23 @@ class KFACPreconditioner:
         )
 
     def remove_hooks(self) -> None:
-        """Removes the hooks from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Removes the hooks from the model (for good: factors are no longer recorded)."""
+        self._hooks_enabled = False
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Registers the forward hooks when the next step updates the factors, removes them otherwise."""
+        record = self._hooks_enabled and self.options.is_update_step("factor_update_steps", self.steps)
+        if record and not self._handles:
+            for index, layer in enumerate(self.layers):
+                if self.is_local(index):
+                    self._handles.append(layer.module.register_forward_hook(self._forward_hook(index)))
+            if self._output_module is not None:  # after the layers' hooks: it sees their pending outputs
+                self._handles.append(self._output_module.register_forward_hook(self._sample_hook))
+        elif not record and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     def is_local(self, index: int) -> bool:
         """Whether this rank builds, decomposes and preconditions layer ``index``."""
@@ -112,7 +146,11 @@ class KFACPreconditioner:
     def _forward_hook(self, index: int) -> Any:
         layer = self.layers[index]
 
+        sampled = self.options.sampled_fisher
+
         def grad_hook(grad: torch.Tensor) -> None:
+            if sampled and not self.sampling:  # the training loss's backward: G comes from the sampled pass
+                return
             start = self.clock()
             layer.accumulate_grad(grad)
             self.counters["factor_seconds"] += self.clock() - start
@@ -120,16 +158,50 @@ class KFACPreconditioner:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not (module.training and torch.is_grad_enabled() and self.is_local(index)):
                 return
-            if not self.options.is_update_step("factor_update_steps", self.steps):
-                return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             start = self.clock()
             layer.accumulate_input(inputs[0])
             self.counters["factor_seconds"] += self.clock() - start
             output.register_hook(grad_hook)
+            if sampled:
+                self._pending[index] = None
 
         return hook
+
+    def _sample_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        """At the prediction's forward: backward of a loss on sampled targets into the pending layers."""
+        if not self._pending:
+            return
+        pending, self._pending = list(self._pending), {}
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        weights = [
+            w
+            for w in (self.layers[i].module.weight for i in pending)
+            if isinstance(w, torch.Tensor) and w.requires_grad
+        ]
+        if not weights:
+            return
+        start = self.clock()
+        fisher = self.options.fisher
+        self.sampling = True
+        try:
+            if callable(fisher):
+                loss = fisher(output)
+                torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            else:
+                grad = sampled_output_grad(output.detach(), str(fisher), self._rng(output.device))
+                torch.autograd.grad(output, weights, grad_outputs=grad, retain_graph=True, allow_unused=True)
+        finally:
+            self.sampling = False
+        self.counters["factor_seconds"] += self.clock() - start
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.options.fisher_seed + self.comm.rank)
+        return self._generator
 
     # ------------------------------------------------------------------ the step
     def step(self, optimizer: torch.optim.Optimizer | None = None, grad_scale: float = 1.0) -> None:
@@ -145,21 +217,26 @@ class KFACPreconditioner:
             ValueError: If ``kl_clip`` is set and ``optimizer`` is ``None``.
         """
         step = self.steps
+        self._pending = {}
         if self.options.is_update_step("factor_update_steps", step):
-            self._update_factors(step, grad_scale)
+            # the sampled Fisher's backward is not scaled by an AMP scaler
+            self._update_factors(step, 1.0 if self.options.sampled_fisher else grad_scale)
         if self.options.is_update_step("inv_update_steps", step):
             self._decompose(step)
         self._precondition(step, optimizer)
         for layer in self.layers:
             layer.reset_accumulators()
         self.steps += 1
+        self._sync_hooks()
 
     def _update_factors(self, step: int, grad_scale: float) -> None:
         if self.owners is None:
             self._assign()
         start = self.clock()
         batch = [
-            layer.batch_factors(grad_scale) if self.is_local(i) else None
+            layer.batch_factors(grad_scale, per_example=self.options.sampled_fisher)
+            if self.is_local(i)
+            else None
             for i, layer in enumerate(self.layers)
         ]
         self.counters["factor_seconds"] += self.clock() - start
@@ -202,6 +279,7 @@ class KFACPreconditioner:
         for index, layer in enumerate(self.layers):
             if not self.is_local(index):
                 layer.drop_state()
+        self._rehook()
 
     def _average_factors(
         self, batch: list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -261,58 +339,71 @@ class KFACPreconditioner:
     def _precondition(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         start = self.clock()
         damping = self.options.at("damping", step)
-        grads: list[torch.Tensor] = []
-        updates: list[torch.Tensor] = []
-        done: list[bool] = []  # whether the layer's update is preconditioned (KL-clip scales only those)
+        n = len(self.layers)
+        updates: list[torch.Tensor | None] = [None] * n  # None: the layer keeps its plain gradient
+        grads: list[torch.Tensor | None] = [None] * n
         for index, layer in enumerate(self.layers):
-            mat = gradient_matrix(layer.module)
-            if mat is None:
-                mat = torch.zeros(layer.out_dim, layer.in_dim, dtype=layer.dtype, device=layer.device)
-            grads.append(mat)
-            if not self.is_local(index) or not layer.decomposition:
-                updates.append(mat)
-                done.append(False)
-            elif not math.isfinite(
-                float(mat.sum())
-            ):  # one reduction; any inf or NaN makes the sum non-finite
+            if self.is_local(index) and layer.decomposition:
+                mat = gradient_matrix(layer.module)
+                if mat is not None:
+                    grads[index], updates[index] = mat, layer.precondition(mat, damping)
+        # <v, g> per layer: the KL-clip terms, and one finiteness check of gradient and update (any
+        # inf or NaN in either makes it non-finite), read back with a single synchronisation
+        terms = [0.0] * n
+        local = [i for i in range(n) if updates[i] is not None]
+        if local:
+            products = torch.stack(
+                [torch.vdot(updates[i].reshape(-1), grads[i].reshape(-1)) for i in local]  # type: ignore[union-attr]
+            )
+            for i, value in zip(local, products.tolist()):
+                if math.isfinite(value):
+                    terms[i] = value
+                    continue
+                grad = grads[i]
+                assert grad is not None
+                what = "gradient" if not bool(torch.isfinite(grad).all()) else "preconditioned gradient"
                 warnings.warn(
-                    f"K-FAC: the gradient of layer {layer.name!r} is not finite at step {step}; it is left unchanged.",
+                    f"K-FAC: the {what} of layer {self.layers[i].name!r} is not finite at step {step}; the layer"
+                    " keeps its plain gradient.",
                     stacklevel=3,
                 )
-                updates.append(mat)
-                done.append(False)
-            else:
-                updates.append(layer.precondition(mat, damping))
-                done.append(True)
+                updates[i] = None
         self.counters["precondition_seconds"] += self.clock() - start
         if self.options.assignment == "dp" and self.comm.world_size > 1:
             start = self.clock()
-            assert self.owners is not None
-            for rank in range(self.comm.world_size):
-                owned = [i for i, owner in enumerate(self.owners) if owner == rank]
-                if not owned:
-                    continue
-                flags = torch.tensor([float(done[i]) for i in owned], dtype=updates[owned[0]].dtype)
-                received = self.comm.broadcast(
-                    [*(updates[i] for i in owned), flags.to(updates[owned[0]].device)], rank
-                )
-                for i, tensor, flag in zip(owned, received, received[-1].tolist()):
-                    updates[i], done[i] = tensor, flag > 0.5
+            self._broadcast_updates(updates, terms)
             self.counters["communication_seconds"] += self.clock() - start
         start = self.clock()
-        nu = self._kl_clip_scale(step, optimizer, grads, updates, done)
-        for layer, update, scaled in zip(self.layers, updates, done):
-            if layer.has_grad():
-                write_gradient_matrix(layer.module, update * nu if scaled and nu != 1.0 else update)
+        nu = self._kl_clip_scale(step, optimizer, terms, [u is not None for u in updates])
+        for layer, update in zip(self.layers, updates):
+            if update is not None and layer.has_grad():
+                if nu != 1.0:
+                    update = update.mul_(nu)
+                write_gradient_matrix(layer.module, update)
         self.counters["precondition_seconds"] += self.clock() - start
 
+    def _broadcast_updates(self, updates: list[torch.Tensor | None], terms: list[float]) -> None:
+        """``dp``: each owner rank broadcasts its layers' updates, whether each is set, and their terms."""
+        assert self.owners is not None
+        for rank in range(self.comm.world_size):
+            owned = [i for i, owner in enumerate(self.owners) if owner == rank]
+            if not owned:
+                continue
+            layer0 = self.layers[owned[0]]
+            payload = [_or_zeros(updates[i], self.layers[i]) for i in owned]
+            meta = torch.tensor(
+                [float(updates[i] is not None) for i in owned] + [terms[i] for i in owned],
+                dtype=payload[0].dtype,
+                device=layer0.device,
+            )
+            received = self.comm.broadcast([*payload, meta], rank)
+            meta_values = received[-1].tolist()
+            for k, i in enumerate(owned):
+                updates[i] = received[k] if meta_values[k] > 0.5 else None
+                terms[i] = meta_values[len(owned) + k]
+
     def _kl_clip_scale(
-        self,
-        step: int,
-        optimizer: torch.optim.Optimizer | None,
-        grads: list[torch.Tensor],
-        updates: list[torch.Tensor],
-        done: list[bool],
+        self, step: int, optimizer: torch.optim.Optimizer | None, terms: list[float], done: list[bool]
     ) -> float:
         if self.options.kl_clip is None:
             return 1.0
@@ -323,10 +414,10 @@ class KFACPreconditioner:
         kl_clip = self.options.at("kl_clip", step)
         lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         total = 0.0
-        for layer, grad, update, scaled in zip(self.layers, grads, updates, done):
+        for layer, term, scaled in zip(self.layers, terms, done):
             if scaled and self._counts_for_kl(layer):
                 lr = float(lrs.get(id(layer.module.weight), 0.0))
-                total += float((update * grad).sum()) * lr * lr
+                total += term * lr * lr
         total = self._reduce_kl(total)
         if total == 0.0 or math.isnan(total):
             return 1.0
@@ -369,6 +460,7 @@ class KFACPreconditioner:
             "world_size": self.comm.world_size,
             "assignment": self.options.assignment,
             "layers": local,
+            "fisher_rng": None if self._generator is None else self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -378,6 +470,14 @@ class KFACPreconditioner:
             state: The saved state.
         """
         self.steps = int(state["steps"])
+        self._generator = None
+        rng = state.get("fisher_rng")
+        if rng is not None and self.options.sampled_fisher:
+            self._generator = torch.Generator(device=self.layers[0].device)
+            if self.comm.world_size == 1:
+                self._generator.set_state(rng)  # exact resume
+            else:  # the checkpoint holds one rank's generator: a fresh, distinct stream per rank
+                self._generator.manual_seed(self.options.fisher_seed + self.comm.rank + 100_003 * self.steps)
         same_layout = (
             state["world_size"] == self.comm.world_size and state["assignment"] == self.options.assignment
         )
@@ -404,6 +504,23 @@ class KFACPreconditioner:
         for index, layer in enumerate(self.layers):
             if not self.is_local(index):
                 layer.drop_state()
+        self._rehook()
+
+    def _rehook(self) -> None:
+        """Re-registers the hooks after the owners changed (only local layers carry them)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._sync_hooks()
+
+
+def _or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:
+    """``update``, or a zero matrix of the layer's gradient shape and dtype to fill a broadcast."""
+    if update is not None:
+        return update
+    weight = layer.module.weight
+    assert isinstance(weight, torch.Tensor)
+    return torch.zeros(layer.out_dim, layer.in_dim, dtype=weight.dtype, device=weight.device)
 
 
 def _from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -412,3 +529,27 @@ def _from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
     mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
     mat[i, j] = packed
     return mat + mat.triu(1).t()
+
+
+def sampled_output_grad(output: torch.Tensor, fisher: str, generator: torch.Generator) -> torch.Tensor:
+    """The gradient of each example's negative log-likelihood at targets sampled from the model.
+
+    Args:
+        output: The prediction (detached).
+        fisher: ``"gaussian"``: targets ``output + eps``, ``eps ~ N(0, I)``, so the gradient of
+            ``0.5 ||output - y||^2`` is ``-eps`` (``eps`` is returned: the sign does not matter in
+            ``G``). ``"categorical"``: classes along the last dimension sampled from
+            ``softmax(output)``; the gradient of the cross-entropy is ``softmax(output) - onehot``.
+        generator: The random generator, on ``output``'s device.
+
+    Returns:
+        A tensor shaped like ``output``: the gradient of the loss summed over the examples.
+    """
+    if fisher == "gaussian":
+        return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+    probs = torch.softmax(output.to(torch.promote_types(output.dtype, torch.float32)), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    classes = torch.multinomial(flat, 1, generator=generator)
+    grad = flat.clone()
+    grad.scatter_add_(1, classes, torch.full_like(classes, -1.0, dtype=grad.dtype))
+    return grad.reshape(output.shape).to(output.dtype)

@@ -66,13 +66,14 @@ def _trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
 OPTIONS = {"damping": 0.01, "kl_clip": 0.01, "inv_update_steps": 3, "factor_decay": 0.9}
 
 
-def test_trainer_matches_a_manual_loop_with_the_preconditioner(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fisher", ["empirical", "categorical"])
+def test_trainer_matches_a_manual_loop_with_the_preconditioner(tmp_path: Path, fisher: str) -> None:
     model = TinyNet()
-    _trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=2).fit(model, _data())
+    _trainer(tmp_path, [DPKFAC(**OPTIONS, fisher=fisher)], max_epochs=2).fit(model, _data())
 
     reference = TinyNet()
     optimizer = reference.configure_optimizers()
-    kfac = KFACPreconditioner(reference, KFACOptions(**OPTIONS))
+    kfac = KFACPreconditioner(reference, KFACOptions(**OPTIONS, fisher=fisher))
     for _ in range(2):
         for x, y in _data():
             optimizer.zero_grad()
@@ -144,6 +145,7 @@ def test_per_rank_counters_reach_the_logger(tmp_path: Path) -> None:
         ({"inv_update_steps": -3}, r"`inv_update_steps=-3.0` must be an integer >= 1"),
         ({"assignment": "sharded"}, r"`assignment='sharded'` is unknown; use 'dp'"),
         ({"log_every_n_steps": -1}, r"`log_every_n_steps=-1` must be >= 0"),
+        ({"fisher": "true"}, r"`fisher='true'` is unknown; use 'empirical'"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -181,3 +183,13 @@ def test_local_loss_pipeline_and_sharded_strategies_are_refused() -> None:
     ):
         check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), 2)
     check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), 1)
+
+
+def test_sampled_fisher_under_chimera_is_refused_at_setup() -> None:
+    from types import SimpleNamespace
+
+    from lightning_parallel.strategies.chimera import ChimeraStrategy
+
+    trainer = SimpleNamespace(strategy=ChimeraStrategy.__new__(ChimeraStrategy), world_size=2)
+    with pytest.raises(ValueError, match=r"`fisher='gaussian'` is not supported under ChimeraStrategy"):
+        DPKFAC(fisher="gaussian").setup(trainer, TinyNet(), "fit")  # type: ignore[arg-type]

@@ -64,8 +64,11 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
-def _worker(rank: int, world_size: int, same_data_runs: tuple[bool, ...]) -> dict[bool, dict[str, Any]]:
-    return {same: _runs(rank, world_size, same) for same in same_data_runs}
+def _worker(rank: int, world_size: int, same_data_runs: tuple[bool, ...]) -> dict[Any, dict[str, Any]]:
+    out: dict[Any, dict[str, Any]] = {same: _runs(rank, world_size, same) for same in same_data_runs}
+    if world_size == 2:
+        out["sampled"] = _sampled_run(rank, world_size)
+    return out
 
 
 def _runs(rank: int, world_size: int, same_data: bool) -> dict[str, Any]:
@@ -109,8 +112,10 @@ def _assert_same(a: list[Any], b: list[Any]) -> None:
 
 def test_two_processes_against_replicated_and_single_process() -> None:
     """Same data on both ranks: dp == replicated == single process. Split data: replicated == single
-    process on the global batch (dp builds each layer's factors from its owner's half instead)."""
+    process on the global batch (dp builds each layer's factors from its owner's half instead).
+    A sampled Fisher under torch's DDP wrapper: see ``_check_sampled_fisher_under_ddp``."""
     results = run_distributed(_worker, 2, (True, False), timeout=120.0)
+    _check_sampled_fisher_under_ddp([res["sampled"] for res in results])
     reference = _single_process()
     for res in results:
         same = res[True]
@@ -134,3 +139,50 @@ def test_four_processes_dp_equals_replicated() -> None:
         _assert_same(res[True]["dp"], res[True]["replicated"])
         _assert_same(res[True]["dp"], reference)
     assert len(set(results[0][True]["dp_owners"])) == 4
+
+
+def _sampled_run(rank: int, world_size: int) -> dict[str, Any]:
+    """One step of DDP (torch's wrapper) with a sampled Fisher: the sampling backward runs inside
+    DDP's forward and must neither disturb DDP's all-reduce nor the training gradient."""
+    out: dict[str, Any] = {}
+    for assignment in ("replicated", "dp"):
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        options = KFACOptions(assignment=assignment, fisher="categorical", kl_clip=None, inv_update_steps=1)  # type: ignore[arg-type]
+        kfac = KFACPreconditioner(model, options)
+        x, y = _batch(0, rank, world_size)
+        F.cross_entropy(ddp(x), y).backward()
+        out[assignment + "_grads"] = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+        kfac.step()
+        out[assignment + "_g"] = {
+            layer.name: layer.g_factor for layer in kfac.layers if layer.g_factor is not None
+        }
+        out[assignment + "_update"] = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    return out
+
+
+def _check_sampled_fisher_under_ddp(results: list[dict[str, Any]]) -> None:
+    # the training gradient: the average of the ranks' batch-mean gradients, untouched by the sampling pass
+    plain = _model()
+    F.cross_entropy(plain(_batch(0, 0, 1)[0]), _batch(0, 0, 1)[1]).backward()
+    # replicated G: the mean over ranks of each rank's own sampled G (generator seeded fisher_seed + rank)
+    per_rank = []
+    for rank in range(2):
+        model = _model()
+        kfac = KFACPreconditioner(model, KFACOptions(fisher="categorical", fisher_seed=rank, kl_clip=None))
+        F.cross_entropy(model(_batch(0, rank, 2)[0]), _batch(0, rank, 2)[1]).backward()
+        kfac.step()
+        per_rank.append({layer.name: layer.g_factor for layer in kfac.layers})
+    for res in results:
+        for assignment in ("replicated", "dp"):
+            for got, p in zip(res[assignment + "_grads"], plain.parameters()):
+                torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+        for name, g in res["replicated_g"].items():
+            torch.testing.assert_close(g, (per_rank[0][name] + per_rank[1][name]) / 2, rtol=1e-5, atol=1e-7)
+    for assignment in ("replicated", "dp"):
+        for a, b in zip(results[0][assignment + "_update"], results[1][assignment + "_update"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # dp: each owner builds its layers' G from its own half and its own samples
+    for rank, res in enumerate(results):
+        for name, g in res["dp_g"].items():
+            torch.testing.assert_close(g, per_rank[rank][name], rtol=1e-5, atol=1e-7)
