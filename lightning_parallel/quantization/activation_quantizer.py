@@ -8,6 +8,11 @@ Design decisions:
   8 bits it would clip only beyond 22 times the mean and leave a grid ten times coarser than needed (a few
   percent of noise per layer before any training). Negative values that appear later under an unsigned grid
   are clipped to 0.
+- The start is taken from the first *training-mode* batch. Before it, an evaluation-mode call (Lightning's
+  sanity check runs validation before the first training step) passes its input through unquantized:
+  activations seen in evaluation mode can be far from the training ones (BatchNorm with its initial
+  running statistics scales them differently), and a step size started from them clipped a whole layer's
+  training input to one value, so that the model could not learn at all.
 - The gradient scale uses the features of one example (``x.numel() / x.shape[0]``) as LSQ does, so it does
   not change with the batch size.
 - The learned step size is ``init_scale * factor`` for the same reason as for weights
@@ -84,6 +89,8 @@ class ActivationFakeQuantizer(QuantizerBase):
         if self._host_flags is None:
             self._host_flags = (bool(self.initialized), bool(self.signed))
         if not self._host_flags[0]:
+            if not self.training:
+                return x  # no grid before the first training batch sets it
             self._initialize(x)
         qmin, qmax = self.qrange()
         numel = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_parallel.models import MLPClassifier
+from lightning_parallel.models import MLPClassifier, ResNetClassifier
 from lightning_parallel.plugins import QuantizationPrecision
 from lightning_parallel.plugins.quantization import find_plugin_state, load_quantized_checkpoint
 from lightning_parallel.quantization import QATLinear, quantizer_state_dict
@@ -216,3 +216,46 @@ def test_convert_module_is_idempotent_and_state_nests() -> None:
     assert found is not None and found["settings"]["mode"] == "qat-int8"
     rebuilt = QuantizationPrecision.from_state_dict(found)
     assert rebuilt.settings() == plugin.settings()
+
+
+def test_sanity_check_before_training_does_not_start_the_step_sizes() -> None:
+    """Lightning validates before the first training step; in evaluation mode BatchNorm's initial running
+    statistics shrink the activations, and step sizes started from them froze a whole ResNet. The run with
+    the sanity check must equal the run without it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+
+    class Losses(pl.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(
+            self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, i: int
+        ) -> None:
+            self.values.append(float(outputs["loss"]))
+
+    def run(sanity_steps: int) -> list[float]:
+        torch.manual_seed(0)
+        model = ResNetClassifier(widths=(4, 8), lr=1e-2)
+        losses = Losses()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=4,
+            plugins=[QuantizationPrecision("qat-int8")],
+            callbacks=[losses],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=sanity_steps,
+            limit_val_batches=1,
+        )
+        trainer.fit(model, loader, loader)
+        return losses.values
+
+    without = run(0)
+    assert without[-1] < without[0]  # it learns
+    assert run(2) == pytest.approx(without, abs=1e-6)

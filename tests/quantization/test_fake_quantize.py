@@ -196,6 +196,20 @@ def test_activation_quantizer_unsigned_and_signed_start() -> None:
     assert q3.scale() < x.abs().max()
 
 
+def test_activation_quantizer_starts_from_the_first_training_batch() -> None:
+    q = ActivationFakeQuantizer(8).eval()
+    small = torch.rand(4, 16) * 0.01  # e.g. what BatchNorm with its initial running statistics gives
+    assert torch.equal(q(small), small)  # evaluation before training: no grid yet, input unchanged
+    assert not bool(q.initialized)
+    train_batch = torch.rand(4, 16) * 3
+    q.train()
+    q(train_batch)
+    torch.testing.assert_close(q.scale(), train_batch.max() / 255)
+    q.eval()
+    out = q(small)  # once started, evaluation quantizes with the training grid
+    torch.testing.assert_close(out, torch.clamp(torch.round(small / q.scale()), 0, 255) * q.scale())
+
+
 def test_activation_gradient_scale_uses_features_per_example() -> None:
     x = torch.randn(4, 3, 5)
     q = ActivationFakeQuantizer(8)
