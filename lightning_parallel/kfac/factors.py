@@ -149,9 +149,13 @@ def write_gradient_matrix(module: nn.Module, mat: torch.Tensor) -> None:
     bias = module.bias
     if isinstance(bias, torch.Tensor):
         if bias.grad is not None:
-            bias.grad.copy_(mat[:, -1].reshape(bias.shape))
+            bias.grad.copy_(mat[:, -1])
         mat = mat[:, :-1]
-    weight.grad.copy_(mat.reshape(weight.shape))
+    grad = weight.grad
+    if grad.is_contiguous():  # one strided copy into a view, no temporary
+        grad.view(grad.shape[0], -1).copy_(mat)
+    else:
+        grad.copy_(mat.reshape(grad.shape))
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
