@@ -21,6 +21,13 @@ Design decisions:
   ``val_head{j}_<metric>`` of every head (usable for early exit). With several processes the step's losses
   are all-reduced asynchronously and logged one step later, so that no rank waits for the last stage
   (there is no global flush between steps); in single-process mode they are logged at once.
+- ``synchronous=True`` adds the flush the asynchronous default avoids: after every optimizer step each rank
+  waits until its messages have been received and then meets every other rank at a barrier, so no rank starts
+  the next step's forwards before every stage has stepped; the losses are then logged in their own step.
+  Every stage computes with the same weights in both modes, so the results are identical; only the idle
+  time differs. Lightning itself broadcasts rank 0's SIGTERM flag at the start of every training batch, a
+  collective that would make every rank wait for the slowest one each step; without ``synchronous`` that
+  flag travels asynchronously and is acted on one step later.
 - At the end of ``fit`` every rank's module is made complete again (each stage broadcast from its owner).
 - Checkpoints are full and load on one device: ``state_dict`` is the module's own (stages gathered from
   their owners, heads left out), so ``YourModule.load_from_checkpoint(path)`` works; the heads are saved
@@ -35,7 +42,7 @@ This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.int
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -69,6 +76,9 @@ class InterlockingBackpropStrategy(DDPStrategy):
         micro_batches: micro-batches per optimizer step (the batch is split into that many equal parts).
             Default 4.
         balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
+        synchronous: flush the pipeline after every optimizer step: every process waits for all stages to
+            finish the step before the next step's forwards start (same results, more idle time). Default
+            False: no global flush, a process starts the next step as soon as its own stages have stepped.
         timeout_s: seconds a rank waits for a peer (process group and transfers). Default 300.
         start_method: process launch: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
@@ -85,6 +95,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
         micro_batches: int = 4,
         *,
         balance: Sequence[int] | None = None,
+        synchronous: bool = False,
         timeout_s: float = 300.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
@@ -102,6 +113,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
             check_width(k, stages)
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer, e.g. 4.")
+        if not isinstance(synchronous, bool):
+            raise ValueError(f"synchronous={synchronous!r} must be True or False.")
         if balance is not None:
             balance = [int(b) for b in balance]
             if stages is not None and len(balance) != stages:
@@ -113,10 +126,12 @@ class InterlockingBackpropStrategy(DDPStrategy):
         self.stages = stages
         self.micro_batches = micro_batches
         self.balance = balance
+        self.synchronous = synchronous
         self.timeout_s = float(timeout_s)
         self.runtime: InterlockingRuntime | None = None
         self._stash: list[tuple[Tensor, Tensor]] = []
         self._pending_losses: list[tuple[Any, Tensor]] = []
+        self._pending_sigterm: list[tuple[Any, Tensor]] = []
         self._loss_group: Any = None
         self._held_modules: list[nn.Module] = []
         self._stage_owners: list[tuple[nn.Module, int]] = []
@@ -179,6 +194,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
         ]
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            self._defer_sigterm_check(trainer)
         self.setup_precision_plugin()
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError(
@@ -188,6 +204,26 @@ class InterlockingBackpropStrategy(DDPStrategy):
         from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
         _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _defer_sigterm_check(self, trainer: pl.Trainer) -> None:
+        """Replace Lightning's blocking per-batch SIGTERM broadcast by an asynchronous one (no flush per step)."""
+        loop = trainer.fit_loop.epoch_loop
+        if self.world_size > 1 and not self.synchronous and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = self._broadcast_sigterm_deferred  # type: ignore[method-assign]
+
+    def _broadcast_sigterm_deferred(self) -> None:
+        trainer = self.lightning_module.trainer  # type: ignore[union-attr]
+        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0])
+        handle = dist.broadcast(flag, src=0, group=self._loss_group, async_op=True)
+        self._pending_sigterm.append((handle, flag))
+        if len(self._pending_sigterm) < 2:
+            return
+        handle, flag = self._pending_sigterm.pop(0)
+        handle.wait()
+        if int(flag.item()) == 1:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
 
     @staticmethod
     def _sample_batch(trainer: pl.Trainer) -> Any:
@@ -241,7 +277,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
         if self.world_size > 1:
             handle = dist.all_reduce(vector, group=self._loss_group, async_op=True)
             self._pending_losses.append((handle, vector))
-            if len(self._pending_losses) < 2:
+            if len(self._pending_losses) < 2 and not self.synchronous:
                 return torch.zeros(())
             handle, vector = self._pending_losses.pop(0)
             handle.wait()
@@ -250,6 +286,22 @@ class InterlockingBackpropStrategy(DDPStrategy):
         for stage in range(self.num_stages - 1):
             module.log(f"train_head{stage}_loss", vector[stage], batch_size=size)  # type: ignore[union-attr]
         return vector[-1]
+
+    @override
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.synchronous:
+            self.flush()
+        return output
+
+    def flush(self) -> None:
+        """Wait until every rank has finished the current step: its messages received, its optimizer stepped."""
+        if self.runtime is None or self.world_size == 1 or not dist.is_initialized():
+            return
+        self.runtime.finish()
+        dist.barrier(group=self._loss_group)
 
     @override
     def backward(
@@ -313,10 +365,10 @@ class InterlockingBackpropStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         if self.runtime is not None and self.world_size > 1 and dist.is_initialized():
-            for handle, _ in self._pending_losses:
+            for handle, _ in self._pending_losses + self._pending_sigterm:
                 handle.wait()
             self.runtime.finish()
-        self._pending_losses = []
+        self._pending_losses, self._pending_sigterm = [], []
         super().teardown()
 
     # ------------------------------------------------------------------ checkpoints

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from typing import Any
 
@@ -250,3 +251,59 @@ def test_bad_arguments(kwargs: dict[str, Any], devices: int, match: str) -> None
 def test_one_stage_per_process_needs_stages_in_single_process_mode() -> None:
     with pytest.raises(ValueError, match=r"k=2 must be an integer with 1 <= k <= stages=1"):
         pl.Trainer(accelerator="cpu", devices=1, strategy=InterlockingBackpropStrategy(k=2), logger=False)
+
+
+class _StepTimes(pl.Callback):
+    """Records when each training batch starts, when each optimizer step ends and the logged true loss after
+    each batch; rank 1 steps late."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.starts, self.steps, self.losses = delay, [], [], []  # type: ignore[var-annotated]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.optimizers[0].register_step_post_hook(lambda *_: self.steps.append(time.monotonic()))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.starts.append(time.monotonic())
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == 1:
+            time.sleep(self.delay)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.losses.append(float(trainer.callback_metrics.get("train_loss", float("nan"))))
+
+
+def _synchronous_and_not(rank: int, world_size: int) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for synchronous in (False, True):
+        model, times = _model(), _StepTimes(delay=0.3)
+        strategy = InterlockingBackpropStrategy(k=2, stages=4, micro_batches=2, synchronous=synchronous)
+        trainer = _trainer(strategy, world_size, callbacks=[times], limit_val_batches=1)
+        trainer.fit(model, _data(3), _data(1, seed=5))
+        out[f"trunk_{synchronous}"] = {k: v.numpy() for k, v in _trunk(model).items()}
+        out[f"heads_{synchronous}"] = {k: v.numpy() for k, v in model.interlocking_heads.state_dict().items()}
+        out[f"metrics_{synchronous}"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        out[f"times_{synchronous}"] = (times.starts, times.steps)
+        out[f"losses_{synchronous}"] = times.losses
+    return out
+
+
+def test_synchronous_flush_waits_for_every_stage_and_changes_no_result() -> None:
+    ranks = run_distributed(_synchronous_and_not, 2, timeout=120)
+    zero, one = ranks
+    _assert_close(zero["trunk_True"], zero["trunk_False"], atol=0)
+    _assert_close(zero["heads_True"], zero["heads_False"], atol=0)
+    for name in ("val_loss", "val_acc", "val_head0_loss", "val_head1_acc"):
+        assert zero["metrics_True"][name] == pytest.approx(zero["metrics_False"][name], abs=1e-6), name
+    # the same true losses; without the flush each is logged one step late
+    assert zero["losses_True"][:2] == pytest.approx(zero["losses_False"][1:], abs=1e-6)
+    for synchronous in (False, True):
+        starts = zero[f"times_{synchronous}"][0]
+        last_steps = one[f"times_{synchronous}"][1]  # rank 1 sleeps 0.3 s before each optimizer step
+        assert len(starts) == len(last_steps) == 3
+        waited = [starts[n + 1] >= last_steps[n] for n in range(2)]
+        # with the flush rank 0 starts a step only after rank 1 stepped; without, it runs ahead
+        assert waited == [synchronous, synchronous], synchronous
