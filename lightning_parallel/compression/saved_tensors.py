@@ -65,9 +65,14 @@ class ErrorBoundPolicy(Protocol):
 
 
 class _Entry:
-    """One packed storage, shared by every save of it; releases its bytes from the stats when freed."""
+    """One packed storage, shared by every save of it; releases its bytes from the stats when freed.
 
-    __slots__ = ("decode", "encoded", "packed", "raw", "stats")
+    Each save holds a :class:`_Saved`; the first of them to unpack decodes and keeps the result until every
+    other save has unpacked it too (a ReLU output is read by the ReLU's and the next layer's backward, one
+    after the other), so a shared storage is decoded once per backward, not once per save.
+    """
+
+    __slots__ = ("cached", "decode", "encoded", "packed", "raw", "saves", "stats", "unpacks")
 
     def __init__(
         self, encoded: Any, decode: Callable[[Any], Tensor], raw: int, stats: CompressionStats
@@ -77,6 +82,17 @@ class _Entry:
         self.raw = raw
         self.packed = int(encoded.nbytes)
         self.stats = stats
+        self.saves = 0
+        self.unpacks = 0
+        self.cached: Tensor | None = None
+
+    def restore(self) -> Tensor:
+        """The decoded block, decoded once per round of unpacks by its saves."""
+        base = self.cached if self.cached is not None else self.decode(self.encoded)
+        self.unpacks += 1
+        # keep it for the other saves of this round, drop it after the last one
+        self.cached = base if self.unpacks % self.saves else None
+        return base
 
     def __del__(self) -> None:
         self.stats.release(self.raw, self.packed)
@@ -91,9 +107,10 @@ class _Saved:
         self.entry = entry
         self.size = size
         self.stride = stride
+        entry.saves += 1
 
     def restore(self) -> Tensor:
-        base = self.entry.decode(self.entry.encoded)
+        base = self.entry.restore()
         if self.size is None or self.stride is None:
             return base
         # a decoded block starts at offset 0; a kept block is the saved view, starting at the block

@@ -90,8 +90,28 @@ def test_parameters_never_compressed_and_shared_storages_compressed_once() -> No
     assert len(ptrs) == len(set(ptrs)), "a storage was compressed twice"
     # conv1 output (read by BN), BN output, ReLU outputs, flattened input of the Linear, ...
     assert len(spy.encoded) >= 5
-    # the first ReLU output is saved by the ReLU and by the next conv: one entry, two decodes
-    assert spy.decoded > len(spy.encoded)
+    # the first ReLU output is saved by the ReLU and by the next conv: one entry, decoded once per backward
+    assert spy.decoded == len(spy.encoded)
+
+
+def test_shared_storage_decoded_once_per_backward_and_again_for_a_retained_graph() -> None:
+    model, (x, y) = _convnet(), _data()
+    expected = _grads(model, x, y, None)
+    spy = _Spy()
+    compressor = SavedTensorCompressor(spy, min_numel=1)
+    compressor.exclude(model)
+    model.zero_grad()
+    torch.manual_seed(1)  # the dropout mask of _grads
+    with compressor:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    assert spy.decoded == len(spy.encoded)
+    first = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    model.zero_grad()
+    loss.backward()
+    assert spy.decoded == 2 * len(spy.encoded)
+    second = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    assert torch.equal(first, second) and torch.equal(first, expected)
 
 
 def test_autocast_weight_copies_are_not_compressed() -> None:
