@@ -166,12 +166,13 @@ def steps_to_target(
 
 def convergence(quick: bool) -> list[dict[str, Any]]:
     # K-FAC settings are (lr, damping, kl_clip); the "kfac" grids hold the best points of a preliminary
-    # exploration of the sampled Fisher (see RESULTS.md), so the first-order grids get five points each
+    # exploration of the sampled Fisher (see RESULTS.md), so the first-order grids get five or more
+    # points each (Adam on the autoencoder all nine points it was tried at)
     grids: dict[str, dict[str, list[tuple[float, ...]]]] = {
         "autoencoder": {
             "sgd": [(0.01,), (0.02,), (0.03,), (0.05,), (0.1,)],
-            "adam": [(0.003,), (0.005,), (0.01,), (0.02,), (0.03,)],
-            "kfac": [(0.3, 0.03, 0.01), (0.3, 0.1, 0.01), (0.3, 0.3, 0.01)],
+            "adam": [(0.003,), (0.004,), (0.005,), (0.006,), (0.007,), (0.008,), (0.01,), (0.02,), (0.03,)],
+            "kfac": [(0.3, 0.05, 0.01), (0.3, 0.1, 0.01), (0.3, 0.2, 0.02)],
             "kfac_empirical": [(3.0, 0.3, 0.01), (3.0, 1.0, 0.01), (10.0, 1.0, 0.01)],
         },
         "cnn": {
@@ -185,7 +186,7 @@ def convergence(quick: bool) -> list[dict[str, Any]]:
     max_steps = {"autoencoder": 2000, "cnn": 600}
     if quick:  # two grid points around each full run's best, one seed
         quick_points = {
-            "autoencoder": {"sgd": [2, 4], "adam": [2, 3], "kfac": [1, 2], "kfac_empirical": [1, 2]},
+            "autoencoder": {"sgd": [2, 3], "adam": [3, 5], "kfac": [0, 1], "kfac_empirical": [1, 2]},
             "cnn": {"sgd": [2, 3], "adam": [3, 4], "kfac": [1, 2], "kfac_empirical": [1, 2]},
         }
         grids = {
