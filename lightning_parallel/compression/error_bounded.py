@@ -191,7 +191,11 @@ class ErrorBoundedCodec(Codec):
         step = float(torch.tensor(step, dtype=work))
         if not 0 < step < float("inf") or amax / step >= _MAX_ABS_CODE:
             return _raw(x)
-        q = torch.div(vals, step, rounding_mode="floor") if offset else torch.round(vals / step)
+        # x * (1 / step) may differ from x / step by an ulp, which can move a value on a bin edge to the
+        # next bin: its error is then half a step plus an ulp, still within eb (eb' leaves a margin)
+        inv = 1.0 / step
+        q = vals.mul(inv) if inv <= torch.finfo(work).max else vals.div(step)  # subnormal steps
+        q = q.floor_() if offset else q.round_()
         qmin_t, qmax_t = torch.aminmax(q)
         qmin, qmax = int(qmin_t), int(qmax_t)
         bits = (qmax - qmin).bit_length()
@@ -203,11 +207,13 @@ class ErrorBoundedCodec(Codec):
         if eb >= _MIN_FAST_CHECK_BOUND:
             # |x_hat - x| in the work dtype is off by at most a 2**-24 relative rounding (results in
             # the subnormal range are exact), so a bound shrunk by 2**-20 proves the true bound
-            bad = xhat.sub_(xw).abs_().gt_(eb * (1.0 - 2.0**-20)).bool()
+            err, bound = xhat.sub_(xw).abs_(), eb * (1.0 - 2.0**-20)
         else:
-            bad = (xhat.double() - flat.double()).abs() > eb
-        if not all_finite:
-            bad |= ~finite  # a comparison with NaN is false
+            err, bound = (xhat.double() - flat.double()).abs(), eb
+        # the element-wise test only when the largest error (NaN for non-finite input) fails it
+        bad: Tensor | None = None
+        if not all_finite or not float(err.amax()) <= bound:
+            bad = ~(err <= bound)
         nonzero: PackedMask | None = None
         keep: Tensor | None = None
         kept = n
@@ -220,11 +226,12 @@ class ErrorBoundedCodec(Codec):
                     keep = ~zero
                     kept = n - zeros
                     nonzero = pack_mask(keep)
-                    bad &= keep
+                    if bad is not None:
+                        bad &= keep
                 else:
-                    bad |= zero
+                    bad = zero if bad is None else bad | zero
         exc_index = exc_value = None
-        if bool(bad.any()):
+        if bad is not None and bool(bad.any()):
             exc_index = bad.nonzero().view(-1)
             exc_index = exc_index.to(torch.int32) if n < 2**31 else exc_index
             exc_value = flat[exc_index.long()].clone()
