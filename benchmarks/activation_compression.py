@@ -9,6 +9,8 @@ with each codec setting, from the same seed for the same number of steps, and re
   model on the same batch, averaged over a few checkpoints of training (measured on a copy of
   the model, so that training itself is untouched);
 - ``step_time_ratio``: median training-step time over the uncompressed run's, same process;
+- ``step_cpu_time_ratio``: the same with the CPU time of the training thread (``time.thread_time``),
+  which other processes on a shared machine disturb less (meaningful on CPU runs only);
 - ``val_metric`` / ``baseline_val_metric``: validation accuracy (ResNet) or loss (GPT).
 
 With a GPU the runs use it and also report ``peak_cuda_bytes`` (``torch.cuda.max_memory_allocated``).
@@ -44,10 +46,12 @@ class _Probe(pl.Callback):
     plugin: CompressedActivationPrecision | None
     cosine_every: int
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)
     peak_saved: int = 0
     _t0: float = 0.0
+    _c0: float = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.plugin is not None and batch_idx % self.cosine_every == 0:
@@ -55,6 +59,7 @@ class _Probe(pl.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self._t0 = time.perf_counter()
+        self._c0 = time.thread_time()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -62,6 +67,7 @@ class _Probe(pl.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.thread_time() - self._c0)
         if self.plugin is not None:
             self.ratios.append(self.plugin.last_stats.compression_ratio)
             self.peak_saved = self.plugin.last_stats.peak_saved_bytes
@@ -139,8 +145,10 @@ def _run(
     )
     val = float(val_trainer.validate(model, data, verbose=False)[0][metric])
     times = probe.times[2:] or probe.times  # the first steps warm up allocators
+    cpu_times = probe.cpu_times[2:] or probe.cpu_times
     return {
         "step_time": statistics.median(times),
+        "step_cpu_time": statistics.median(cpu_times),
         "compression_ratio": statistics.mean(probe.ratios) if probe.ratios else 1.0,
         "peak_saved_bytes": probe.peak_saved,
         "grad_cosine": statistics.mean(probe.cosines) if probe.cosines else 1.0,
@@ -241,7 +249,7 @@ def main() -> None:
         ),
     }
     records: list[dict[str, Any]] = []
-    header = f"{'model':7} {'codec':14} {'setting':18} {'ratio':>6} {'peak MB':>8} {'cos':>6} {'time x':>6} {'val':>7} {'base':>7}"
+    header = f"{'model':7} {'codec':14} {'setting':18} {'ratio':>6} {'peak MB':>8} {'cos':>6} {'time x':>6} {'cpu x':>6} {'val':>7} {'base':>7}"
     print(header)
     for name in args.models:
         make, metric = models[name]
@@ -258,6 +266,7 @@ def main() -> None:
                 "peak_saved_bytes": res["peak_saved_bytes"],
                 "grad_cosine": round(res["grad_cosine"], 4),
                 "step_time_ratio": round(res["step_time"] / base["step_time"], 3),
+                "step_cpu_time_ratio": round(res["step_cpu_time"] / base["step_cpu_time"], 3),
                 "val_metric": round(res["val_metric"], 4),
                 "baseline_val_metric": round(base["val_metric"], 4),
             }
@@ -267,7 +276,7 @@ def main() -> None:
             records.append(rec)
             print(
                 f"{name:7} {rec['codec']:14} {setting:18} {rec['compression_ratio']:6.2f} "
-                f"{rec['peak_saved_bytes'] / 2**20:8.2f} {rec['grad_cosine']:6.3f} {rec['step_time_ratio']:6.2f} "
+                f"{rec['peak_saved_bytes'] / 2**20:8.2f} {rec['grad_cosine']:6.3f} {rec['step_time_ratio']:6.2f} {rec['step_cpu_time_ratio']:6.2f} "
                 f"{rec['val_metric']:7.4f} {rec['baseline_val_metric']:7.4f}",
                 flush=True,
             )
