@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_parallel.kfac.layer import KFACLayer
+
 
 class Communicator:
     """Packs tensors into flat buffers and runs collectives over a process group.
@@ -70,3 +72,20 @@ class Communicator:
             out.append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         return out
+
+
+def or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:
+    """``update``, or a zero matrix of the layer's gradient shape and dtype to fill a broadcast."""
+    if update is not None:
+        return update
+    weight = layer.module.weight
+    assert isinstance(weight, torch.Tensor)
+    return torch.zeros(layer.out_dim, layer.in_dim, dtype=weight.dtype, device=weight.device)
+
+
+def from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric ``(dim, dim)`` matrix whose upper triangle (row-major) is ``packed``."""
+    i, j = torch.triu_indices(dim, dim, device=packed.device)
+    mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
+    mat[i, j] = packed
+    return mat + mat.triu(1).t()

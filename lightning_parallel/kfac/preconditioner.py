@@ -8,12 +8,23 @@ Design decisions:
 
 - Hooks: a forward hook records the input and registers a hook on the output tensor for its
   gradient. Unlike full backward hooks this works when an in-place activation follows the layer
-  (the tensor hook sees the gradient of the layer's own output). Hooks record only while the
-  module is in training mode, grad is enabled and the next step is a factor-update step. A
+  (the tensor hook sees the gradient of the layer's own output). The forward hooks are
+  registered only while the next step is a factor-update step (and only on the layers this rank
+  records), so other steps pay nothing for them; they record only in training mode with grad
+  enabled. A
   layer whose hooks never fire (e.g. ``nn.MultiheadAttention.out_proj``, whose weight is used
   through ``F.linear``) keeps no factors and its gradient passes through unchanged.
 - Per-example Fisher scale: ``G = n sum g g^T`` over the ``n`` examples of the step (see
   ``factors.py``); the AMP loss scale is divided out (``grad_scale``).
+- Sampled (true) Fisher (``fisher="gaussian"``, ``"categorical"`` or a callable): a forward hook
+  on the module producing the prediction runs, on factor-update steps, ``torch.autograd.grad`` of
+  the negative log-likelihood of targets sampled from the prediction (summed over the examples)
+  with respect to the recorded layers' weights. The output-gradient hooks record during that
+  pass only, so ``G`` is the mean over examples of each example's own outer product, while
+  ``.grad`` and DDP's all-reduce see only the training loss. The empirical Fisher vanishes with
+  the gradients near a solution and then needs heavy damping; the sampled one does not.
+- Per step, one synchronisation: ``<v, g>`` of every preconditioned layer is both the finiteness
+  check and the KL-clip term (a non-finite one keeps the layer's plain gradient).
 - ``assignment="dp"`` (DP-KFAC): owners by longest-processing-time greedy over the layers' cost
   (``assignment.py``), fixed at the first step from the observed rows (the cost vector is
   max-reduced so all ranks agree). Only the owner records hook data, builds and decomposes the
@@ -46,8 +57,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_parallel.kfac.assignment import assign_owners, layer_cost
-from lightning_parallel.kfac.communication import Communicator
+from lightning_parallel.kfac.communication import Communicator, from_triu, or_zeros
 from lightning_parallel.kfac.factors import gradient_matrix, supported, write_gradient_matrix
+from lightning_parallel.kfac.fisher import prediction_module, sampled_output_grad
 from lightning_parallel.kfac.layer import KFACLayer
 from lightning_parallel.kfac.options import KFACOptions
 
@@ -91,26 +103,16 @@ class KFACPreconditioner:
         self.sampling = False
         self._pending: dict[int, None] = {}
         self._generator: torch.Generator | None = None
-        self._output_module = self._fisher_output_module(model) if self.options.sampled_fisher else None
+        self._output_module = (
+            prediction_module(model, self.options.fisher_output, self.layers[-1].module)
+            if self.options.sampled_fisher
+            else None
+        )
         # forward hooks are registered only while the next step updates the factors, and only on
         # the layers this rank records, so other steps run the model at its plain speed
         self._handles: list[Any] = []
         self._hooks_enabled = True
         self._sync_hooks()
-
-    def _fisher_output_module(self, model: nn.Module) -> nn.Module:
-        name = self.options.fisher_output
-        if name is None:
-            return self.layers[-1].module
-        modules = dict(model.named_modules())
-        if name not in modules:
-            linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            raise ValueError(
-                f"`fisher_output={name!r}` names no module of {type(model).__name__}; pass the qualified name of"
-                f" the module whose output is the prediction (for example {linear[-1:]!r}) or None for the last"
-                " preconditioned layer."
-            )
-        return modules[name]
 
     # ------------------------------------------------------------------ setup
     def _skipped(self, name: str, module: nn.Module) -> bool:
@@ -307,8 +309,8 @@ class KFACPreconditioner:
             if counts[i] == 0:
                 out.append(None)
                 continue
-            a = _from_triu(summed[2 * i], layer.in_dim) / counts[i]
-            g = _from_triu(summed[2 * i + 1], layer.out_dim) / counts[i]
+            a = from_triu(summed[2 * i], layer.in_dim) / counts[i]
+            g = from_triu(summed[2 * i + 1], layer.out_dim) / counts[i]
             out.append((a.to(layer.dtype), g.to(layer.dtype)))
         return out
 
@@ -390,7 +392,7 @@ class KFACPreconditioner:
             if not owned:
                 continue
             layer0 = self.layers[owned[0]]
-            payload = [_or_zeros(updates[i], self.layers[i]) for i in owned]
+            payload = [or_zeros(updates[i], self.layers[i]) for i in owned]
             meta = torch.tensor(
                 [float(updates[i] is not None) for i in owned] + [terms[i] for i in owned],
                 dtype=payload[0].dtype,
@@ -512,44 +514,3 @@ class KFACPreconditioner:
             handle.remove()
         self._handles = []
         self._sync_hooks()
-
-
-def _or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:
-    """``update``, or a zero matrix of the layer's gradient shape and dtype to fill a broadcast."""
-    if update is not None:
-        return update
-    weight = layer.module.weight
-    assert isinstance(weight, torch.Tensor)
-    return torch.zeros(layer.out_dim, layer.in_dim, dtype=weight.dtype, device=weight.device)
-
-
-def _from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """The symmetric ``(dim, dim)`` matrix whose upper triangle (row-major) is ``packed``."""
-    i, j = torch.triu_indices(dim, dim, device=packed.device)
-    mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
-    mat[i, j] = packed
-    return mat + mat.triu(1).t()
-
-
-def sampled_output_grad(output: torch.Tensor, fisher: str, generator: torch.Generator) -> torch.Tensor:
-    """The gradient of each example's negative log-likelihood at targets sampled from the model.
-
-    Args:
-        output: The prediction (detached).
-        fisher: ``"gaussian"``: targets ``output + eps``, ``eps ~ N(0, I)``, so the gradient of
-            ``0.5 ||output - y||^2`` is ``-eps`` (``eps`` is returned: the sign does not matter in
-            ``G``). ``"categorical"``: classes along the last dimension sampled from
-            ``softmax(output)``; the gradient of the cross-entropy is ``softmax(output) - onehot``.
-        generator: The random generator, on ``output``'s device.
-
-    Returns:
-        A tensor shaped like ``output``: the gradient of the loss summed over the examples.
-    """
-    if fisher == "gaussian":
-        return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
-    probs = torch.softmax(output.to(torch.promote_types(output.dtype, torch.float32)), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    classes = torch.multinomial(flat, 1, generator=generator)
-    grad = flat.clone()
-    grad.scatter_add_(1, classes, torch.full_like(classes, -1.0, dtype=grad.dtype))
-    return grad.reshape(output.shape).to(output.dtype)
