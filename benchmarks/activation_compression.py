@@ -205,6 +205,7 @@ FULL = {
         "kbit-2",
         "kbit-4",
         "eb-rel-1e-2",
+        "eb-rel-1e-2-zstd",
         "eb-adaptive-0.3",
         "eb-adaptive-0.3-zstd",
         "eb-adaptive-0.5-zstd",
