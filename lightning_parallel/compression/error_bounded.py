@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 from lightning_parallel.compression.codec import Codec, tensor_nbytes
 from lightning_parallel.compression.lossless import ZstdBytes, zstd_compress, zstd_decompress
-from lightning_parallel.compression.masks import PackedMask, compact, pack_mask, restore_dense
+from lightning_parallel.compression.masks import PackedMask, compact, exact_values, pack_mask, restore_dense
 
 __all__ = ["ErrorBoundedCodec", "ErrorBoundedEncoded"]
 
@@ -232,9 +232,7 @@ class ErrorBoundedCodec(Codec):
                     bad = zero if bad is None else bad | zero
         exc_index = exc_value = None
         if bad is not None and bool(bad.any()):
-            exc_index = bad.nonzero().view(-1)
-            exc_index = exc_index.to(torch.int32) if n < 2**31 else exc_index
-            exc_value = flat[exc_index.long()].clone()
+            exc_index, exc_value = exact_values(flat, bad)
         if keep is not None:
             q = compact(q, keep, kept)
         codes = q.sub_(qmin).to(torch.int32)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 from lightning_parallel.compression.codec import Codec, tensor_nbytes
-from lightning_parallel.compression.masks import PackedMask, compact, pack_mask, restore_dense
+from lightning_parallel.compression.masks import PackedMask, compact, exact_values, pack_mask, restore_dense
 
 __all__ = ["KBitCodec", "KBitEncoded"]
 
@@ -82,20 +82,20 @@ class KBitEncoded:
 _SAMPLE = 4096
 
 
-def _quarter_zeros(flat: Tensor) -> bool:
-    """Whether at least a quarter of ``flat`` is exactly zero.
+def _zero_mask(flat: Tensor) -> tuple[Tensor, int] | None:
+    """``(flat != 0, its count of True)`` when at least a quarter of ``flat`` is exactly zero, else ``None``.
 
-    Large tensors are judged on an evenly strided sample first, which settles activations that are
-    clearly dense (BatchNorm inputs) or clearly sparse (ReLU outputs, about half zeros) without a pass
-    over the whole tensor; only a sample share between 15% and 35% is checked exactly.
+    Large tensors are judged on an evenly strided sample first, so that clearly dense activations
+    (BatchNorm inputs) skip the pass over the whole tensor; the others are decided exactly.
     """
     n = flat.numel()
     if n > 16 * _SAMPLE:
         sample = flat[:: n // _SAMPLE]
-        share = 1.0 - int(torch.count_nonzero(sample)) / sample.numel()
-        if not 0.15 <= share <= 0.35:
-            return share > 0.35
-    return (n - int(torch.count_nonzero(flat))) * 4 >= n
+        if int(torch.count_nonzero(sample)) > 0.85 * sample.numel():
+            return None
+    keep = flat != 0
+    kept = int(torch.count_nonzero(keep))
+    return (keep, kept) if (n - kept) * 4 >= n else None
 
 
 class KBitCodec(Codec):
@@ -159,9 +159,7 @@ class KBitCodec(Codec):
             return encoded
         # NaN or +-inf (seen in the group statistics, which they reach): store them exactly
         finite = torch.isfinite(flat)
-        exc_index = (~finite).nonzero().view(-1)
-        exc_value = flat[exc_index].clone()
-        exc_index = exc_index.to(torch.int32) if flat.numel() < 2**31 else exc_index
+        exc_index, exc_value = exact_values(flat, ~finite)
         flat = torch.where(finite, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
         encoded = self._encode_finite(x, flat, exc_index, exc_value)
         assert encoded is not None
@@ -173,10 +171,11 @@ class KBitCodec(Codec):
         """Encodes ``flat``, or returns ``None`` when it holds a non-finite value and no exceptions were split off."""
         nonzero: PackedMask | None = None
         vals = flat
-        if self.zero_mask and _quarter_zeros(flat):
-            keep = flat != 0
+        mask = _zero_mask(flat) if self.zero_mask else None
+        if mask is not None:
+            keep, kept = mask
             nonzero = pack_mask(keep)
-            vals = compact(flat, keep, int(torch.count_nonzero(keep)))
+            vals = compact(flat, keep, kept)
         count = vals.numel()
         g = self.group_size
         groups = (count + g - 1) // g

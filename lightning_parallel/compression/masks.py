@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 
-__all__ = ["PackedMask", "compact", "is_binary", "pack_mask", "restore_dense", "unpack_mask"]
+__all__ = ["PackedMask", "compact", "exact_values", "is_binary", "pack_mask", "restore_dense", "unpack_mask"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,19 @@ def compact(flat: Tensor, keep: Tensor, count: int) -> Tensor:
     out = flat.new_empty(count + 1)
     out.scatter_(0, _positions(keep, count).long(), flat)
     return out[:count]
+
+
+def exact_values(flat: Tensor, where: Tensor) -> tuple[Tensor, Tensor]:
+    """The flat indices (``int32`` below 2**31 elements) and the values of ``flat`` where ``where`` is true:
+    what a lossy codec stores exactly beside its codes, and :func:`restore_dense` writes back.
+
+    Args:
+        flat: a 1-D tensor.
+        where: a 1-D ``bool`` tensor of the same length.
+    """
+    index = where.nonzero().view(-1)
+    value = flat[index]  # advanced indexing copies
+    return (index.to(torch.int32) if flat.numel() < 2**31 else index), value
 
 
 def restore_dense(
