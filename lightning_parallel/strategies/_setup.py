@@ -16,7 +16,7 @@ def begin_pipeline_setup(strategy: Strategy, trainer: pl.Trainer) -> pl.Lightnin
 
     Raises:
         TypeError: if the module lacks the pipeline protocol.
-        ValueError: if the module uses manual optimization.
+        ValueError: if the module uses manual optimization, or the precision plugin has a gradient scaler.
     """
     name = type(strategy).__name__
     if strategy.accelerator is None:
@@ -30,6 +30,11 @@ def begin_pipeline_setup(strategy: Strategy, trainer: pl.Trainer) -> pl.Lightnin
         raise ValueError(
             f"{name} runs the optimization itself; {type(module).__name__} sets "
             "automatic_optimization=False. Use automatic optimization (the default)."
+        )
+    if getattr(strategy.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"{name} does not support a gradient scaler (precision='16-mixed'); use "
+            "precision='bf16-mixed' or '32-true'."
         )
     if strategy.model is not None:
         strategy.model = strategy.precision_plugin.convert_module(strategy.model)

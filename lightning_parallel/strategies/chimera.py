@@ -188,11 +188,6 @@ class ChimeraStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         module = begin_pipeline_setup(self, trainer)
         self.model_to_device()
-        if getattr(self.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use "
-                "precision='bf16-mixed' or '32-true'."
-            )
         # Start every rank from global rank 0's weights, as DDP does.
         broadcast_tensors(module_tensors([module]), src=0)
         self._steps = PipelineSteps(self, module)

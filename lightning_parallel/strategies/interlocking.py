@@ -196,11 +196,6 @@ class InterlockingBackpropStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             self._defer_sigterm_check(trainer)
         self.setup_precision_plugin()
-        if getattr(self.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use "
-                "precision='bf16-mixed' or '32-true'."
-            )
         from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
         _optimizers_to_device(self.optimizers, self.root_device)
@@ -465,3 +460,4 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_slice(value, start, stop) for value in batch)
     return batch
+

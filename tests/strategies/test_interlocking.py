@@ -307,3 +307,12 @@ def test_synchronous_flush_waits_for_every_stage_and_changes_no_result() -> None
         waited = [starts[n + 1] >= last_steps[n] for n in range(2)]
         # with the flush rank 0 starts a step only after rank 1 stepped; without, it runs ahead
         assert waited == [synchronous, synchronous], synchronous
+
+
+def test_gradient_scaler_is_refused() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = _trainer(InterlockingBackpropStrategy(k=2, stages=2), plugins=[scaled])
+    with pytest.raises(ValueError, match=r"InterlockingBackpropStrategy does not support a gradient scaler"):
+        trainer.fit(_model(), _data())
