@@ -210,12 +210,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer  # type: ignore[union-attr]
         flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0])
         handle = dist.broadcast(flag, src=0, group=self._loss_group, async_op=True)
-        self._pending_sigterm.append((handle, flag))
-        if len(self._pending_sigterm) < 2:
-            return
-        handle, flag = self._pending_sigterm.pop(0)
-        handle.wait()
-        if int(flag.item()) == 1:
+        previous = _one_step_late(self._pending_sigterm, handle, flag, late=True)
+        if previous is not None and int(previous.item()) == 1:
             from lightning.pytorch.utilities.exceptions import SIGTERMException
 
             raise SIGTERMException()
@@ -271,11 +267,10 @@ class InterlockingBackpropStrategy(DDPStrategy):
             vector[stage] = loss
         if self.world_size > 1:
             handle = dist.all_reduce(vector, group=self._loss_group, async_op=True)
-            self._pending_losses.append((handle, vector))
-            if len(self._pending_losses) < 2 and not self.synchronous:
+            done = _one_step_late(self._pending_losses, handle, vector, late=not self.synchronous)
+            if done is None:
                 return torch.zeros(())
-            handle, vector = self._pending_losses.pop(0)
-            handle.wait()
+            vector = done
         size = batch_size(batch)
         module.log("train_loss", vector[-1], prog_bar=True, batch_size=size)  # type: ignore[union-attr]
         for stage in range(self.num_stages - 1):
@@ -461,3 +456,16 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
         return type(batch)(_slice(value, start, stop) for value in batch)
     return batch
 
+
+def _one_step_late(queue: list[tuple[Any, Tensor]], handle: Any, tensor: Tensor, late: bool) -> Tensor | None:
+    """Queues an asynchronous collective and returns the oldest queued tensor once its collective is done.
+
+    With ``late`` the first call returns ``None`` and every later call the previous step's tensor, so no rank
+    waits for this step's collective; without it, this step's tensor.
+    """
+    queue.append((handle, tensor))
+    if late and len(queue) < 2:
+        return None
+    handle, tensor = queue.pop(0)
+    handle.wait()
+    return tensor
