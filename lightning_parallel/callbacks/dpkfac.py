@@ -132,11 +132,7 @@ class DPKFAC(Callback):
             return
         check_strategy(trainer.strategy, trainer.world_size)
         if isinstance(trainer.strategy, ChimeraStrategy):
-            if self.options.sampled_fisher:
-                raise ValueError(
-                    f"`fisher={self.options.fisher!r}` is not supported under ChimeraStrategy (the prediction lives"
-                    " on the last stage only); use fisher='empirical'."
-                )
+            self.options.check_pipeline("ChimeraStrategy")
             self._previous = self.preconditioner
             self.preconditioner = None  # built over the held stage copies once the pipeline exists
             return

@@ -111,6 +111,18 @@ class KFACOptions:
         """Whether ``G`` comes from a backward pass on sampled targets (not the training loss)."""
         return self.fisher != "empirical"
 
+    def check_pipeline(self, where: str) -> None:
+        """Refuses what a pipeline cannot run: a sampled ``fisher`` (the prediction lives on the last stage only).
+
+        Args:
+            where: the strategy named in the error, e.g. ``"ChimeraStrategy"``.
+        """
+        if self.sampled_fisher:
+            raise ValueError(
+                f"`fisher={self.fisher!r}` is not supported under {where} (the prediction lives on the last stage"
+                " only); use fisher='empirical'."
+            )
+
     def at(self, name: str, step: int) -> float:
         """A hyperparameter's value at an optimizer step, checked.
 

@@ -64,11 +64,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         data_parallel_group: Any = None,
     ) -> None:
         options = options if options is not None else KFACOptions()
-        if options.sampled_fisher:
-            raise ValueError(
-                f"`fisher={options.fisher!r}` is not supported under a pipeline strategy (the prediction lives on"
-                " the last stage only); use fisher='empirical'."
-            )
+        options.check_pipeline("a pipeline strategy")
         distributed = dist.is_available() and dist.is_initialized()
         dp_size = (
             dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
