@@ -239,6 +239,7 @@ def test_registered_name() -> None:
         ({"micro_batches": 0}, 1, r"micro_batches=0 must be a positive integer"),
         ({"stages": 4, "balance": [1, 2]}, 1, r"balance=\[1, 2\] lists 2 stages but stages=4"),
         ({"timeout_s": 0}, 1, r"timeout_s=0 must be positive"),
+        ({"synchronous": "yes"}, 1, r"synchronous='yes' must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], devices: int, match: str) -> None:
