@@ -30,6 +30,9 @@ def _hang_on_rank_one(rank: int, world_size: int) -> None:
 
 
 def _die_on_rank_zero(rank: int, world_size: int) -> None:
+    # Rank 0 hosts the rendezvous store: dying before every rank has joined the group would make the others
+    # fail in init_process_group (a race that decides which failure is reported first). Join first, then die.
+    dist.barrier()
     if rank == 0:
         os._exit(3)
 
