@@ -145,7 +145,8 @@ class CompressedActivationPrecision(WrappingPrecision):
         """Compresses what autograd saves inside it (the training step uses it)."""
         if self.controller is not None:
             self.controller.begin_step()
-        with self.compressor:
+        watch = self.controller.forward_context() if self.controller is not None else contextlib.nullcontext()
+        with watch, self.compressor:
             yield
         self.last_stats = copy.copy(self.compressor.stats)
         self._log()

@@ -111,3 +111,44 @@ def test_controller_state_round_trip_and_bad_arguments() -> None:
         AdaptiveErrorController(adapt_interval=0)
     with pytest.raises(ValueError, match="`max_relative_bound` must be > 0, got max_relative_bound=-1"):
         AdaptiveErrorController(max_relative_bound=-1)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(4, 64, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, heads, T, 16)
+        # the attention lays its output out as (batch, T, heads, 16): `proj` reads the very storage it saved
+        return self.proj(y.transpose(1, 2).reshape(4, 64, 32))
+
+
+def test_tensors_attention_saves_keep_the_codec_bound() -> None:
+    model = _Attention()
+    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(2))
+    controller = AdaptiveErrorController(target_error=0.3, adapt_interval=1)
+    controller.attach(model)
+    compressor = SavedTensorCompressor(ErrorBoundedCodec(1e-2), min_numel=1, policy=controller)
+    compressor.exclude(model)
+    controller.begin_step()
+    with controller.forward_context(), compressor:
+        out = model(x)
+    out.square().mean().backward()
+    controller.end_step()
+    assert set(controller.layer_bounds) == {"qkv", "proj"}
+    # slot 0 is the data read by `qkv`: bounded by the formula. The attention output, read by `proj` too,
+    # and the query, key and value keep the codec's own bound (no entry).
+    assert set(controller.bounds) == {0}, controller.bounds
+    assert controller.bound(1, torch.ones(3)) is None
+    # without the watch (not a calibration step, or a controller that never saw attention) `proj`'s formula
+    # would bound the attention output as well
+    controller.begin_step()
+    with compressor:
+        out = model(x)
+    out.square().mean().backward()
+    controller.end_step()
+    assert set(controller.bounds) == {0, 4}, controller.bounds

@@ -230,3 +230,26 @@ def test_softmax_outputs_stay_exact() -> None:
     loss.backward()
     assert torch.equal(logits.grad, expected)  # type: ignore[arg-type]
     assert compressor.stats.compressed_tensors == 0
+
+
+def test_per_row_statistics_stay_exact_and_the_data_input_is_compressed() -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 32, 64, generator=gen)  # data: no autograd history, still compressed
+    proj = nn.Linear(64, 3 * 64)
+    norm = nn.LayerNorm(64)
+    spy = _Spy()
+    compressor = SavedTensorCompressor(spy, min_numel=1)
+    compressor.exclude(proj)
+    compressor.exclude(norm)
+    with compressor:
+        q, k, v = proj(x).view(4, 32, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)  # (batch, heads, T, 32)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        loss = norm(out.transpose(1, 2).reshape(4, 32, 64)).square().mean()
+    loss.backward()
+    shapes = {tuple(t.shape) for t in spy.encoded}
+    assert x.numel() in {t.numel() for t in spy.encoded}
+    # compressed: the data, the projection's output (q, k and v are views of it), the attention output
+    assert all(t.numel() >= 4 * 32 * 64 for t in spy.encoded), shapes
+    # stored as they are: the attention's log-sum-exp (4, 2, 32) and the norm's mean and 1/std (4, 32, 1)
+    assert compressor.stats.tensors - compressor.stats.compressed_tensors == 3
+

@@ -191,3 +191,22 @@ def test_wraps_quantization_precision_without_compressing_weights() -> None:
     # included): 128 x 64, 128 x 128, 10 x 128
     assert encoded and set(encoded) <= {32 * 64, 32 * 128, 32 * 10}
     assert plugin.last_stats.compression_ratio > 8
+
+
+def test_adaptive_calibration_sees_the_attention_in_a_trainer() -> None:
+    from lightning_parallel.data import TextDataModule
+    from lightning_parallel.models import GPTLanguageModel
+
+    pl.seed_everything(0, verbose=False)
+    plugin = CompressedActivationPrecision(codec="error_bounded", adaptive=True, adapt_interval=1, min_numel=256)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, plugins=[plugin], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    model = GPTLanguageModel(n_layer=1, n_head=2, n_embd=32)
+    trainer.fit(model, TextDataModule(block_size=16, batch_size=8, max_chars=20_000))
+    controller = plugin.controller
+    assert controller is not None and controller.bounds
+    # query, key, value and output of the one attention layer; none of them takes a formula bound
+    assert len(controller._attention_slots) == 4
+    assert not controller._attention_slots & set(controller.bounds)
