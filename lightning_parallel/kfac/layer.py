@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_parallel.kfac.factors import gram, input_gram, layer_dims, output_grad_rows
+from lightning_parallel.kfac.factors import input_gram, layer_dims, output_grad_gram
 
 Method = Literal["eigen", "inverse"]
 
@@ -91,13 +91,14 @@ class KFACLayer:
         Args:
             grad: The gradient of the layer's output.
         """
-        contribution = gram(output_grad_rows(self.module, grad.to(self.dtype)))
+        contribution = output_grad_gram(self.module, grad.to(self.dtype))
         self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
 
     def batch_factors(
         self, grad_scale: float = 1.0, per_example: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The current step's ``A`` and ``G`` on the per-example Fisher scale.
+        """The current step's ``A`` and ``G`` on the per-example Fisher scale, normalised in place
+        (the step's sums become them).
 
         Args:
             grad_scale: The loss scale the recorded gradients carry (the AMP scaler's scale); it is
@@ -112,11 +113,13 @@ class KFACLayer:
         if self.a_sum is None or self.g_sum is None or self.a_rows == 0:
             return None
         self.rows_per_step = self.a_rows
-        a_new = self.a_sum / self.a_rows
+        # in place: the sums are this step's own tensors, dropped at the end of the step, and a fresh
+        # factor-sized result would cost a new allocation (page faults) per layer
+        a_new = self.a_sum.div_(self.a_rows)
         if per_example:
-            g_new = self.g_sum / self.examples
+            g_new = self.g_sum.div_(self.examples)
         else:
-            g_new = self.g_sum * (self.examples / (grad_scale * grad_scale))
+            g_new = self.g_sum.mul_(self.examples / (grad_scale * grad_scale))
         return a_new, g_new
 
     # ------------------------------------------------------------------ factors
@@ -188,7 +191,7 @@ class KFACLayer:
         d = self.decomposition
         if not d:
             return mat
-        m = mat.to(self.dtype)
+        m = mat if mat.dtype == self.dtype else mat.to(self.dtype)
         if "qa" in d and (self._inverses is None or self._inverses[0] != damping) and not self._reused:
             # first use of this decomposition: the four eigenbasis products are cheaper than
             # building the inverses (in^3 + out^3), which pay off only when the decomposition is reused
@@ -207,7 +210,7 @@ class KFACLayer:
         else:
             a_inv, g_inv = d["a_inv"], d["g_inv"]
         out = g_inv @ m @ a_inv
-        return out.to(mat.dtype)
+        return out if out.dtype == mat.dtype else out.to(mat.dtype)
 
     # ------------------------------------------------------------------ bookkeeping
     def curvature_bytes(self) -> int:

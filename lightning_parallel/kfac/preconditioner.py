@@ -379,9 +379,7 @@ class KFACPreconditioner:
         nu = self._kl_clip_scale(step, optimizer, terms, [u is not None for u in updates])
         for layer, update in zip(self.layers, updates):
             if update is not None and layer.has_grad():
-                if nu != 1.0:
-                    update = update.mul_(nu)
-                write_gradient_matrix(layer.module, update)
+                write_gradient_matrix(layer.module, update, nu)
         self.counters["precondition_seconds"] += self.clock() - start
 
     def _broadcast_updates(self, updates: list[torch.Tensor | None], terms: list[float]) -> None:
