@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -39,3 +41,22 @@ def test_config_runs_two_steps(config: Path, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 0, f"{config.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_validation_interval_fits_the_epoch(config: Path) -> None:
+    # fast_dev_run ignores val_check_interval; a real run refuses a step interval longer than an epoch unless
+    # validation counts steps across epochs (check_val_every_n_epoch: null)
+    cfg = yaml.safe_load(config.read_text())
+    trainer = cfg.get("trainer", {})
+    interval = trainer.get("val_check_interval")
+    if not isinstance(interval, int) or trainer.get("check_val_every_n_epoch", 1) is None:
+        return
+    data = cfg["data"]
+    module, name = data["class_path"].rsplit(".", 1)
+    datamodule = getattr(importlib.import_module(module), name)(**data.get("init_args", {}))
+    datamodule.setup("fit")
+    batches = len(datamodule.train_dataloader())
+    if trainer.get("strategy") == "ddp":
+        batches //= int(trainer.get("devices", 1))
+    assert interval <= batches, f"{config.name}: val_check_interval={interval} > {batches} training batches"
