@@ -35,32 +35,27 @@ def supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def input_rows(module: nn.Module, x: torch.Tensor, bias_column: bool = True) -> torch.Tensor:
-    """The rows ``a_r`` of a layer's input, with a ones column when the layer has a bias.
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``a_r`` of an ``nn.Linear`` input, with a ones column when the layer has a bias.
+
+    (A Conv2d input goes to columns instead: :func:`input_columns`.)
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
-        x: The layer's input: ``(n, ..., in_features)`` for Linear, ``(n, C, H, W)`` for Conv2d.
-        bias_column: Whether to append the ones column of a layer with a bias.
+        module: An ``nn.Linear``.
+        x: The layer's input, ``(n, ..., in_features)``.
 
     Returns:
-        A float32 (or wider) tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column
-        when ``bias_column`` is set.
+        A float32 (or wider) tensor of shape ``(rows, in_dim)``; ``in_dim`` counts the bias column.
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-    if isinstance(module, nn.Conv2d):
-        # supported() admits only integer padding, zeros padding mode and groups=1
-        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # type: ignore[arg-type]  # (n, C*kh*kw, L)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (n*L, C*kh*kw)
-    else:
-        rows = x.reshape(-1, x.shape[-1])  # (n*T, in)
-    if bias_column and module.bias is not None:
+    rows = x.reshape(-1, x.shape[-1])  # (n*T, in)
+    if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return rows
 
 
 def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
-    """A Conv2d input's unfolded patches as columns: the transpose of :func:`input_rows`.
+    """A Conv2d input's unfolded patches as columns (one per patch), the rows of ``F.unfold`` transposed.
 
     The patches are read through a strided view of the padded input and copied once, in the
     layout the gram product wants (``F.unfold`` followed by a transposing copy costs several times
@@ -119,14 +114,13 @@ def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if isinstance(module, nn.Conv2d):
         cols = input_columns(module, x, ones_row=module.bias is not None)
-        with torch.autocast(device_type=cols.device.type, enabled=False):
-            return cols @ cols.t(), cols.shape[1]
+        return gram(cols.t()), cols.shape[1]
     rows = input_rows(module, x)
     return gram(rows), rows.shape[0]
 
 
 def output_grad_gram(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """``sum_r g_r g_r^T`` over the rows of the gradient of a layer's output (:func:`output_grad_rows`).
+    """``sum_r g_r g_r^T`` over the rows ``g_r`` of the gradient of a layer's output.
 
     A Conv2d gradient is laid out channel-major, ``(C_out, n*L)``, by one copy that moves whole
     ``L``-blocks, instead of transposing it into rows.
@@ -138,28 +132,11 @@ def output_grad_gram(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     Returns:
         The ``(out_dim, out_dim)`` sum.
     """
-    if isinstance(module, nn.Conv2d):
-        grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
-        cols = grad.transpose(0, 1).reshape(grad.shape[1], -1)  # (C_out, n*L)
-        with torch.autocast(device_type=cols.device.type, enabled=False):
-            return cols @ cols.t()
-    return gram(output_grad_rows(module, grad))
-
-
-def output_grad_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """The rows ``g_r`` of the gradient of a layer's output.
-
-    Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
-        grad: The gradient of the layer's output, shaped like the output.
-
-    Returns:
-        A float32 (or wider) tensor of shape ``(rows, out_dim)``.
-    """
     grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
     if isinstance(module, nn.Conv2d):
-        return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])  # (n*L, C_out)
-    return grad.reshape(-1, grad.shape[-1])
+        cols = grad.transpose(0, 1).reshape(grad.shape[1], -1)  # (C_out, n*L)
+        return gram(cols.t())
+    return gram(grad.reshape(-1, grad.shape[-1]))  # (n*T, out) rows
 
 
 def gram(rows: torch.Tensor) -> torch.Tensor:
