@@ -68,20 +68,20 @@ ATTENTION_FUNCTIONS = frozenset({F.scaled_dot_product_attention, F.multi_head_at
 
 
 class _AttentionWatch(TorchFunctionMode):
-    """Counts how deep the running code is inside an attention function."""
+    """Counts how deep the running code is inside an attention function (``depth``)."""
 
-    def __init__(self, controller: AdaptiveErrorController) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.controller = controller
+        self.depth = 0
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func not in ATTENTION_FUNCTIONS:
             return func(*args, **(kwargs or {}))
-        self.controller._attention_depth += 1
+        self.depth += 1
         try:
             return func(*args, **(kwargs or {}))
         finally:
-            self.controller._attention_depth -= 1
+            self.depth -= 1
 
 
 def layer_error_bound(target: float, grad_weight_norm: float, grad_output_norm: float, fan_in: int) -> float:
@@ -130,7 +130,7 @@ class AdaptiveErrorController:
         self._stack: list[str] = []
         self._consumers: dict[int, set[str]] = {}
         self._attention_slots: set[int] = set()
-        self._attention_depth = 0
+        self._watch: _AttentionWatch | None = None  # set during a calibrating forward
         self._ranges: dict[int, float] = {}
         self._delta_sq: dict[str, float] = {}
         self._grad_w_sq: dict[str, float] = {}
@@ -172,7 +172,6 @@ class AdaptiveErrorController:
         self._stack.clear()
         self._consumers.clear()
         self._attention_slots.clear()
-        self._attention_depth = 0
         self._ranges.clear()
         self._delta_sq.clear()
         self._grad_w_sq.clear()
@@ -184,8 +183,12 @@ class AdaptiveErrorController:
         if not self._recording:
             yield
             return
-        with _AttentionWatch(self):
-            yield
+        self._watch = _AttentionWatch()
+        try:
+            with self._watch:
+                yield
+        finally:
+            self._watch = None
 
     def _pre_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -230,7 +233,7 @@ class AdaptiveErrorController:
         """
         if not self._recording:
             return
-        if self._attention_depth:
+        if self._watch is not None and self._watch.depth:
             self._attention_slots.add(slot)
         elif self._stack:
             self._consumers.setdefault(slot, set()).add(self._stack[-1])
