@@ -11,17 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_parallel.models import MLPClassifier
 from lightning_parallel.plugins import CompressedActivationPrecision
 from lightning_parallel.strategies import ChimeraStrategy
+from tests.helpers.callbacks import LossRecorder
 from tests.helpers.distributed import run_distributed
-
-
-class _Losses(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 def _fit(plugin: CompressedActivationPrecision | None) -> list[float]:
@@ -31,7 +22,7 @@ def _fit(plugin: CompressedActivationPrecision | None) -> list[float]:
     data = TensorDataset(
         torch.randn(4 * 32, 16, generator=gen), torch.randint(0, 4, (4 * 32,), generator=gen)
     )
-    recorder = _Losses()
+    recorder = LossRecorder()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

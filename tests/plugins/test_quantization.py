@@ -16,6 +16,7 @@ from lightning_parallel.models import MLPClassifier, ResNetClassifier
 from lightning_parallel.plugins import QuantizationPrecision
 from lightning_parallel.plugins.quantization import find_plugin_state, load_quantized_checkpoint
 from lightning_parallel.quantization import QATLinear, quantizer_state_dict
+from tests.helpers.callbacks import LossRecorder
 
 
 def _loader(seed: int = 0, n: int = 64) -> DataLoader:
@@ -227,19 +228,10 @@ def test_sanity_check_before_training_does_not_start_the_step_sizes() -> None:
     y = torch.randint(0, 10, (64,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
 
-    class Losses(pl.Callback):
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_train_batch_end(
-            self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, i: int
-        ) -> None:
-            self.values.append(float(outputs["loss"]))
-
     def run(sanity_steps: int) -> list[float]:
         torch.manual_seed(0)
         model = ResNetClassifier(widths=(4, 8), lr=1e-2)
-        losses = Losses()
+        losses = LossRecorder()
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
@@ -254,7 +246,7 @@ def test_sanity_check_before_training_does_not_start_the_step_sizes() -> None:
             limit_val_batches=1,
         )
         trainer.fit(model, loader, loader)
-        return losses.values
+        return losses.losses
 
     without = run(0)
     assert without[-1] < without[0]  # it learns

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_parallel.strategies
 from lightning_parallel.models.mlp import MLPClassifier
 from lightning_parallel.strategies.chimera import ChimeraStrategy
+from tests.helpers.callbacks import LossRecorder
 from tests.helpers.distributed import free_port, run_distributed
 
 GLOBAL_BATCH = 32
@@ -46,16 +47,6 @@ def dataset(size: int, seed: int = 1) -> TensorDataset:
 
 def probe() -> torch.Tensor:
     return torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
-
-
-class LossRecorder(pl.Callback):
-    """Records the loss every training step returns."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 def trainer_for(strategy: Any, devices: int, **kwargs: Any) -> tuple[pl.Trainer, LossRecorder]:
