@@ -34,7 +34,7 @@ from torch import nn
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return torch.sparse_csr_tensor(crow, col, values, size=size)
+    return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 class _SparseMatmul(torch.autograd.Function):
