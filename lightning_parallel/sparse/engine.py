@@ -48,6 +48,20 @@ def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"`{name}={value!r}` is not one of {list(allowed)}.")
 
 
+def check_options(
+    *, method: str, sparsity: float, distribution: str, drop_fraction: float, decay: str, execution: str
+) -> None:
+    """Raise ``ValueError`` naming the first bad option, its value and what works."""
+    _choice("method", method, METHODS)
+    _choice("distribution", distribution, DISTRIBUTIONS)
+    _choice("execution", execution, EXECUTIONS)
+    _choice("decay", decay, DECAYS)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity={sparsity}` must be in [0, 1): the fraction of zero weights, e.g. 0.9.")
+    if not 0.0 <= drop_fraction <= 1.0:
+        raise ValueError(f"`drop_fraction={drop_fraction}` must be in [0, 1], e.g. 0.3.")
+
+
 def covered_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> tuple[dict[str, nn.Module], Counter[str]]:
     """The layers sparse training covers, by qualified name, and a count by type of weighted modules it skips."""
     import re
@@ -98,14 +112,10 @@ class SparseEngine:
         seed: int = 0,
         skip_layers: Sequence[str] = (),
     ) -> None:
-        _choice("method", method, METHODS)
-        _choice("distribution", distribution, DISTRIBUTIONS)
-        _choice("execution", execution, EXECUTIONS)
-        _choice("decay", decay, DECAYS)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"`sparsity={sparsity}` must be in [0, 1): the fraction of zero weights, e.g. 0.9.")
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise ValueError(f"`drop_fraction={drop_fraction}` must be in [0, 1], e.g. 0.3.")
+        check_options(
+            method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
+            decay=decay, execution=execution,
+        )
         self.method, self.sparsity, self.drop_fraction, self.decay = method, sparsity, drop_fraction, decay
         self.execution = execution
         self.generator = torch.Generator().manual_seed(seed)
