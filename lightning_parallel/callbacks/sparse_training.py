@@ -21,6 +21,11 @@ Design decisions:
   module gives the dense-with-zeros model; ``"sparse"`` keeps the compact ``values``/``indices`` (for widths
   whose dense form does not fit in memory; :func:`~lightning_parallel.sparse.export.densify_state_dict` turns
   it dense).
+- Neuron pruning (``prune_neurons > 0``) shrinks layers at the end of an epoch, in place (parameters and
+  optimizer state keep their identity, so no optimizer rebuild). A checkpoint then holds narrower layers:
+  a ``load_state_dict`` pre-hook (registered in ``setup``) resizes the model's linear layers to the shapes in
+  the state dict before the weights are loaded;
+  a plain module loads it after :func:`~lightning_parallel.sparse.export.resize_to_state_dict`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing_extensions import override
 
 from lightning_parallel.sparse import SparseEngine
 from lightning_parallel.sparse.engine import check_options
+from lightning_parallel.sparse.export import densify_state_dict, resize_to_state_dict
 
 
 class SparseTraining(Callback):
@@ -61,6 +67,11 @@ class SparseTraining(Callback):
         skip_layers: regular expressions on qualified or class names of layers left dense. Default none.
         checkpoint_weights: ``"dense"`` or ``"sparse"``: how sparse layers appear in the checkpoint's model
             ``state_dict`` (see the module docstring). Default ``"dense"``.
+        prune_neurons: fraction of the hidden neurons of each linear pair removed at each neuron pruning (their
+            incoming and outgoing weights with them; :mod:`lightning_parallel.sparse.neurons`), in [0, 1);
+            0 turns neuron pruning off. One device only. Default 0.
+        prune_neurons_every: epochs between neuron prunings, >= 1. Default 10.
+        prune_neurons_after: epochs trained before the first neuron pruning, >= 0. Default 0.
 
     Raises:
         ValueError: on an unknown method, distribution, decay, execution or checkpoint format, a sparsity outside
@@ -83,6 +94,9 @@ class SparseTraining(Callback):
         seed: int = 0,
         skip_layers: Sequence[str] = (),
         checkpoint_weights: Literal["dense", "sparse"] = "dense",
+        prune_neurons: float = 0.0,
+        prune_neurons_every: int = 10,
+        prune_neurons_after: int = 0,
     ) -> None:
         check_options(
             method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
@@ -96,6 +110,17 @@ class SparseTraining(Callback):
             )
         if checkpoint_weights not in ("dense", "sparse"):
             raise ValueError(f"`checkpoint_weights={checkpoint_weights!r}` is not one of ['dense', 'sparse'].")
+        if not 0.0 <= prune_neurons < 1.0:
+            raise ValueError(f"`prune_neurons={prune_neurons}` must be in [0, 1): the fraction removed, e.g. 0.2.")
+        if prune_neurons_every < 1 or prune_neurons_after < 0:
+            raise ValueError(
+                f"`prune_neurons_every={prune_neurons_every}` must be >= 1 and `prune_neurons_after="
+                f"{prune_neurons_after}` >= 0 (epochs)."
+            )
+        self.prune_neurons = prune_neurons
+        self.prune_neurons_every = prune_neurons_every
+        self.prune_neurons_after = prune_neurons_after
+        self.neurons_removed: dict[str, int] = {}
         self.options = dict(
             method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
             decay=decay, execution=execution, seed=seed, skip_layers=tuple(skip_layers),
@@ -117,6 +142,11 @@ class SparseTraining(Callback):
                 f"SparseTraining runs on one device or under DDP; got {type(strategy).__name__}. "
                 "Use strategy='auto' or 'ddp'."
             )
+        if self.prune_neurons and trainer.world_size > 1:
+            raise ValueError(
+                f"`prune_neurons={self.prune_neurons}` changes layer shapes, which DDP cannot follow: prune "
+                "neurons on one device (or set prune_neurons=0)."
+            )
         callbacks = list(getattr(trainer, "callbacks", []))
         names = [type(c).__name__ for c in callbacks]
         if "DPKFAC" in names and names.index("DPKFAC") > callbacks.index(self):
@@ -125,6 +155,8 @@ class SparseTraining(Callback):
                 "preconditioned gradients are re-masked."
             )
         if self.engine is None:
+            if self.prune_neurons:  # a neuron-pruned checkpoint has narrower layers: resize before loading
+                pl_module.register_load_state_dict_pre_hook(_resize_before_loading)
             self.engine = SparseEngine(pl_module, **self.options)  # type: ignore[arg-type]
             self._warn_coverage(self.engine)
         if self._pending_state is not None:
@@ -183,6 +215,17 @@ class SparseTraining(Callback):
             self.engine.apply_masks()
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = trainer.current_epoch + 1 - self.prune_neurons_after
+        if self.engine is None or not self.prune_neurons or epochs <= 0 or epochs % self.prune_neurons_every:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        removed = self.engine.prune_neurons(self.prune_neurons, optimizer=optimizer)
+        for name, count in removed.items():
+            self.neurons_removed[name] = self.neurons_removed.get(name, 0) + count
+        pl_module.log("sparse/neurons_removed", float(sum(removed.values())), on_step=False, on_epoch=True)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return dict(self._pending_state or {})
@@ -206,6 +249,7 @@ class SparseTraining(Callback):
             prefix = f"{name}."
             weights.pop(prefix + "values")
             weights.pop(prefix + "indices")
+            weights.pop(prefix + "_extra_state", None)
             weights[prefix + "weight"] = layer.dense_weight().cpu()
 
 
@@ -219,3 +263,7 @@ def _mean_reduce() -> Any:
         return tensor.div_(world)
 
     return reduce
+
+
+def _resize_before_loading(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    resize_to_state_dict(module, densify_state_dict({k[len(prefix):]: v for k, v in state_dict.items()}))

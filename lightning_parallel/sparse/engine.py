@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_parallel.sparse.densities import erk_densities, uniform_densities
+from lightning_parallel.sparse.neurons import linear_pairs, neuron_importance, neurons_to_keep, shrink_pair
 from lightning_parallel.sparse.sparse_linear import SparseLinear
 from lightning_parallel.sparse.sparse_updates import (
     Reduce,
@@ -118,6 +119,7 @@ class SparseEngine:
         )
         self.method, self.sparsity, self.drop_fraction, self.decay = method, sparsity, drop_fraction, decay
         self.execution = execution
+        self.model = model
         self.generator = torch.Generator().manual_seed(seed)
         layers, self.uncovered = covered_layers(model, skip_layers)
         if not layers:
@@ -225,6 +227,27 @@ class SparseEngine:
             regrow(layer, kept, grown, _param_states(optimizer, layer.values))
             layer.record, layer.recorded = False, None
         return fraction
+
+    @torch.no_grad()
+    def prune_neurons(self, fraction: float, *, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Remove the ``fraction`` least important hidden neurons of every linear pair; returns removed counts.
+
+        Weights, biases, masks, sparse patterns and per-weight optimizer state shrink in place
+        (:mod:`lightning_parallel.sparse.neurons`); the number of nonzeros falls with them.
+        """
+        removed: dict[str, int] = {}
+        for first, second in linear_pairs(self.model):
+            layer, following = self.model.get_submodule(first), self.model.get_submodule(second)
+            keep = neurons_to_keep(neuron_importance(layer, following), fraction)  # type: ignore[arg-type]
+            removed[first] = int(layer.out_features) - keep.numel()  # type: ignore[arg-type]
+            if removed[first] == 0:
+                continue
+            if first in self.masks:
+                self.masks[first] = self.masks[first].index_select(0, keep)
+            if second in self.masks:
+                self.masks[second] = self.masks[second].index_select(1, keep)
+            shrink_pair(layer, following, keep, lambda p: _param_states(optimizer, p))  # type: ignore[arg-type]
+        return removed
 
     # ---- inspection and state ----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:

@@ -177,18 +177,29 @@ class SparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def get_extra_state(self) -> dict[str, int]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.in_features, self.out_features = int(state["in_features"]), int(state["out_features"])
+
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
         weight = state_dict.pop(prefix + "weight", None)
-        if weight is not None:  # a dense-with-zeros checkpoint: its nonzeros (the exact pattern, with any
+        if weight is not None:
+            self.out_features, self.in_features = weight.shape
+            state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # a dense-with-zeros checkpoint: its nonzeros (the exact pattern, with any
             # zero-valued active weights, comes back from SparseTraining's own state right after)
             flat = weight.flatten()
             state_dict[prefix + "indices"] = flat.nonzero().squeeze(1)
             state_dict[prefix + "values"] = flat[state_dict[prefix + "indices"]]
         if prefix + "indices" in state_dict:
             self._resize(state_dict[prefix + "indices"].numel())
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and bias.shape != self.bias.shape:  # neuron-pruned
+            self.bias.data = torch.empty_like(bias, device=self.bias.device, dtype=self.bias.dtype)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -158,3 +158,34 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [SparseTraining(), DPKFAC()], max_steps=1)
     with pytest.raises(ValueError, match=r"DPKFAC is listed after SparseTraining"):
         trainer.fit(SparseNet(), _loader())
+
+
+@pytest.mark.parametrize("execution", ["masked", "sparse"])
+def test_neuron_pruning_shrinks_layers_and_resumes_exactly(tmp_path: Path, execution: str) -> None:
+    from lightning_parallel.sparse.export import densify_state_dict, resize_to_state_dict
+
+    options: dict[str, Any] = dict(
+        sparsity=0.5, distribution="uniform", update_interval=3, stop_at=14, execution=execution,
+        prune_neurons=0.25, prune_neurons_every=1, prune_neurons_after=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = SparseNet(conv=False)
+        callback = SparseTraining("set", **options)
+        _fit(tmp_path / "a", straight, callback, max_steps=16)
+        trainer = _fit(tmp_path / "b", SparseNet(conv=False), SparseTraining("set", **options), max_steps=8)
+        path = tmp_path / "half.ckpt"
+        trainer.save_checkpoint(path)
+        resumed = SparseNet(conv=False)
+        _fit(tmp_path / "c", resumed, SparseTraining("set", **options), max_steps=16, ckpt=str(path))
+    # epochs 2, 3, 4 end with a pruning of a quarter of each hidden layer: 48 -> 36 -> 27 -> 20
+    assert straight.net[1].out_features == 20 and straight.net[3].in_features == 20
+    assert straight.net[5].in_features == 20
+    assert callback.neurons_removed == {"net.1": 28, "net.3": 28}
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    plain = SparseNet(conv=False)
+    state = densify_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    resize_to_state_dict(plain, state)
+    plain.load_state_dict(state)
+    assert plain.net[1].out_features == 36
