@@ -47,9 +47,10 @@ def _loader(batches: int = 4) -> DataLoader:
 
 def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_steps: int, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("max_epochs", 1)
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1,
+        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
         enable_checkpointing=False, **kwargs,
     )
 

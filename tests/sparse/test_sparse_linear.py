@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -113,3 +114,18 @@ def test_engine_sparse_execution_keeps_nnz_and_trains(method: str) -> None:
         assert all(int(model[i].indices.unique().numel()) == counts[str(i)] for i in (0, 2, 4))
     assert losses[-1] < 0.5 * losses[0]
     assert math.prod(model[2].weight_shape) == 64 * 64
+
+
+def test_a_foreign_model_transformer_encoder() -> None:
+    """torch's own TransformerEncoder: FFN Linears run sparse, out_proj stays masked, MHA's packed input is counted."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    masked = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    sparse = copy.deepcopy(masked)
+    engine_m = SparseEngine(masked, method="set", sparsity=0.7, distribution="uniform", seed=4)
+    engine_s = SparseEngine(sparse, method="set", sparsity=0.7, distribution="uniform", seed=4, execution="sparse")
+    assert engine_m.uncovered == {"MultiheadAttention": 2} == engine_s.uncovered
+    assert sorted(engine_s.sparse) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    assert sorted(engine_s.masks) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(sparse(x), masked(x), rtol=0, atol=1e-5)
