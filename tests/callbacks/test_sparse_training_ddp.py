@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -49,6 +50,7 @@ def _worker(rank: int, world_size: int, root: str) -> list[Any]:
     return [_run(Path(root), m, e, loader=_split(rank, world_size), **ddp) for m, e in CASES]
 
 
+@pytest.mark.slow  # about 90 s on 2 loaded cores
 def test_ranks_agree_and_match_single_process(tmp_path: Path) -> None:
     results = run_distributed(_worker, 2, str(tmp_path), timeout=300.0)
     for case, (m, e) in enumerate(CASES):
