@@ -121,7 +121,7 @@ def split_trunk(
             "partition); use 'uniform', 'parameters' or explicit block counts."
         )
     else:
-        sizes = partition_blocks(blocks, stages, partition)  # type: ignore[arg-type]
+        sizes = partition_blocks(blocks, stages, partition)
     stage_blocks = [nn.Sequential(*blocks[block_slice]) for block_slice in stage_slices(sizes)]
     x = module.pipeline_input(sample_batch)
     modes = [m.training for m in module.modules()] if isinstance(module, nn.Module) else []

@@ -290,7 +290,7 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 def partition_blocks(
     blocks: Sequence[nn.Module],
     stages: int,
-    method: PartitionMethod | Sequence[int] = "uniform",
+    method: PartitionMethod | str | Sequence[int] = "uniform",
     *,
     sample_input: torch.Tensor | None = None,
     profiles: Sequence[BlockProfile] | None = None,

@@ -194,7 +194,7 @@ class ChimeraStrategy(PipelineStrategy):
             dist.broadcast(sizes_tensor, src=0)
             sizes = [int(s) for s in sizes_tensor]
         else:
-            sizes = partition_blocks(blocks, d, self.partition)  # type: ignore[arg-type]
+            sizes = partition_blocks(blocks, d, self.partition)
         schedule = self._check_schedule(d)
         groups = build_pipeline_groups(self.world_size, d, timeout_s=self.timeout_s)
         steps.build(schedule, groups, sizes)

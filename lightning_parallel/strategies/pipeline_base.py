@@ -106,12 +106,15 @@ class PipelineStrategy(DDPStrategy):
         """The LightningModule, typed by the pipeline protocol it implements.
 
         Raises:
-            TypeError: if there is no module or it lacks the protocol's hooks.
+            RuntimeError: before the Trainer attached a module.
+            TypeError: if the module lacks the protocol's hooks.
         """
         module = self.lightning_module
+        if module is None:
+            raise RuntimeError(f"{type(self).__name__} has no LightningModule; run it through a Trainer.")
         if not isinstance(module, PipelineProtocol):
             check_pipeline_protocol(module, who=type(self).__name__)
-            raise RuntimeError(f"{type(self).__name__} has no LightningModule; run it through a Trainer.")
+            raise TypeError(f"{type(module).__name__} does not implement the pipeline protocol.")
         return module
 
     @staticmethod

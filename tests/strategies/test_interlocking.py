@@ -215,9 +215,14 @@ def test_uneven_last_batch_is_split_by_size() -> None:
     loader = DataLoader(
         TensorDataset(torch.randn(22, 1, 8, 8), torch.randint(0, 10, (22,))), batch_size=BATCH
     )
-    _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4)).fit(model, loader)  # last batch: 6
+    trainer = _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4))
+    trainer.fit(model, loader)  # last batch: 6
     _trainer().fit(reference, loader)
     _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
+    stages = trainer.strategy.trained_stages()  # type: ignore[attr-defined]
+    assert sorted(stages) == [(0, s) for s in range(4)]  # one process trains every stage
+    held = [id(p) for s in sorted(stages) for p in stages[s].parameters()]
+    assert held == [id(p) for block in model.pipeline_blocks() for p in block.parameters()]
 
 
 def test_batch_smaller_than_micro_batches_is_refused() -> None:
