@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_parallel.implicit import DEQ
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, recording
+from lightning_parallel.kfac import KFACOptions, KFACPreconditioner
 from lightning_parallel.ode import ODEBlock
 
 B = 5
@@ -39,7 +39,9 @@ class Cell(nn.Module):
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(B, 3, generator=g, dtype=torch.float64), torch.randn(B, 3, generator=g, dtype=torch.float64)
+    return torch.randn(B, 3, generator=g, dtype=torch.float64), torch.randn(
+        B, 3, generator=g, dtype=torch.float64
+    )
 
 
 class Recorder:
@@ -98,7 +100,9 @@ def _implicit_euler_reference(func: Field, x: torch.Tensor, c: torch.Tensor, ste
     eye = torch.eye(x.numel(), dtype=torch.float64)
 
     def jac(n: int, y: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.functional.jacobian(lambda v: func(t[n], v.view_as(y)).reshape(-1), y.reshape(-1))
+        return torch.autograd.functional.jacobian(
+            lambda v: func(t[n], v.view_as(y)).reshape(-1), y.reshape(-1)
+        )
 
     for n in range(steps):
         y = ys[-1]
@@ -119,7 +123,12 @@ def _implicit_euler_reference(func: Field, x: torch.Tensor, c: torch.Tensor, ste
 
 @pytest.mark.parametrize(
     ("adjoint", "checkpoints", "method"),
-    [("discrete", 1, "euler"), ("discrete", 3, "euler"), ("backprop", 1, "euler"), ("discrete", 2, "implicit_euler")],
+    [
+        ("discrete", 1, "euler"),
+        ("discrete", 3, "euler"),
+        ("backprop", 1, "euler"),
+        ("discrete", 2, "implicit_euler"),
+    ],
 )
 def test_ode_block_factors_are_shared_weight_factors(adjoint: str, checkpoints: int, method: str) -> None:
     x, c = _data()
