@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_parallel.kfac import recording
 from lightning_parallel.kfac.factors import as_target, input_gram, layer_dims, output_grad_gram
 from lightning_parallel.layers.registry import LinearTarget
 
@@ -70,6 +71,7 @@ class KFACLayer:
         self.a_sum: torch.Tensor | None = None
         self.a_rows = 0
         self.examples = 0
+        self._examples_scope: object | None = None  # the shared-weights scope whose examples are counted
         self.g_sum: torch.Tensor | None = None
 
     def accumulate_input(self, x: torch.Tensor) -> None:
@@ -81,7 +83,10 @@ class KFACLayer:
         contribution, rows = input_gram(self.target, x.to(self.dtype))
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
         self.a_rows += rows
-        self.examples += x.shape[0]
+        scope = recording.current_scope()
+        if scope is None or scope is not self._examples_scope:  # repeated calls in a scope: examples once
+            self.examples += x.shape[0]
+            self._examples_scope = scope
 
     def accumulate_grad(self, grad: torch.Tensor) -> None:
         """Adds the gradient of a forward call's output to the current step's ``G`` sum.

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_parallel.kfac import recording
 from lightning_parallel.kfac.assignment import assign_owners, layer_cost
 from lightning_parallel.kfac.communication import Communicator, from_triu, or_zeros
 from lightning_parallel.kfac.factors import gradient_matrix, write_gradient_matrix
@@ -157,6 +158,8 @@ class KFACPreconditioner:
             self.counters["factor_seconds"] += self.clock() - start
 
         def hook(x: torch.Tensor, output: torch.Tensor) -> None:
+            if recording.is_paused():  # a solver's Jacobian product, not part of the model's gradient
+                return
             if not (layer.module.training and torch.is_grad_enabled() and self.is_local(index)):
                 return
             if not output.requires_grad:
