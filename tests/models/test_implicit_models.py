@@ -56,6 +56,7 @@ def _params(model: torch.nn.Module) -> list[np.ndarray]:
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
+@pytest.mark.slow  # two epochs of digits per model: about 50-100 s on 2 loaded cores
 @pytest.mark.parametrize("name", ["deq", "ode"])
 def test_classifiers_learn_digits(tmp_path: Path, name: str) -> None:
     pl.seed_everything(0)
@@ -116,6 +117,7 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict[str, list[np.ndar
     return out
 
 
+@pytest.mark.slow  # about 70 s on 2 loaded cores
 def test_ddp_equals_single_process(tmp_path: Path) -> None:
     results = run_distributed(_ddp_worker, 2, str(tmp_path), timeout=300.0)
     for name, model in _models().items():
