@@ -39,11 +39,12 @@ Design decisions:
 - Gradient clipping by norm is per rank (the norm of the rank's own stages' gradients): stages are trained
   by different losses, so there is no single gradient to measure.
 
-This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.interlocking_runtime`.
+This file is a thin Lightning adapter over :mod:`lightning_parallel.interlocking.runtime`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -56,9 +57,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
-from lightning_parallel.pipeline.interlocking_heads import split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
+from lightning_parallel.interlocking.heads import split_trunk
+from lightning_parallel.interlocking.plan import InterlockingPlan, check_width, stages_of_rank
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
 from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
@@ -76,7 +77,10 @@ class InterlockingBackpropStrategy(PipelineStrategy):
             (``devices=1``) give it explicitly. Must be a multiple of the world size.
         micro_batches: micro-batches per optimizer step (the batch is split into that many parts whose sizes
             differ by at most one; a smaller batch is refused). Default 4.
-        balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
+        partition: blocks per stage: ``None`` (default: equal counts, leftovers to the outer stages first),
+            ``"uniform"`` (equal counts, leftovers to the first stages), ``"parameters"`` (balanced parameter
+            counts) or an explicit list such as ``[2, 1, 1, 2]``; the same name and values as
+            :class:`ChimeraStrategy` (but ``"profile"``).
         synchronous: flush the pipeline after every optimizer step: every process waits for all stages to
             finish the step before the next step's forwards start (same results, more idle time). Default
             False: no global flush, a process starts the next step as soon as its own stages have stepped.
@@ -85,6 +89,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
+        balance: deprecated name of ``partition`` (a list of blocks per stage); warns with a ``FutureWarning``.
     """
 
     strategy_name = "interlocking"
@@ -96,10 +101,11 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         stages: int | None = None,
         micro_batches: int = 4,
         *,
-        balance: Sequence[int] | None = None,
+        partition: str | Sequence[int] | None = None,
         synchronous: bool = False,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
+        balance: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
@@ -113,16 +119,22 @@ class InterlockingBackpropStrategy(PipelineStrategy):
             raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer, e.g. 4.")
         if not isinstance(synchronous, bool):
             raise ValueError(f"synchronous={synchronous!r} must be True or False.")
+        self._partition_name = "partition"
         if balance is not None:
-            balance = [int(b) for b in balance]
-            if stages is not None and len(balance) != stages:
-                raise ValueError(
-                    f"balance={balance} lists {len(balance)} stages but stages={stages}; give one block count "
-                    "per stage."
-                )
+            if partition is not None:
+                raise ValueError(f"balance={balance} and partition={partition} both given; give only partition.")
+            warnings.warn(
+                "InterlockingBackpropStrategy(balance=...) is deprecated: use partition=... (same values, the "
+                "name ChimeraStrategy uses too).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            partition, self._partition_name = list(balance), "balance"
         self.k = k
         self.micro_batches = micro_batches
-        self.balance = balance
+        self.partition = self._check_partition(
+            partition, stages, methods=("uniform", "parameters"), name=self._partition_name
+        )
         self.synchronous = synchronous
         self.runtime: InterlockingRuntime | None = None
         self._pending_losses: list[tuple[Any, Tensor]] = []
@@ -144,11 +156,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         stages = self.stages if self.stages is not None else world
         stages_of_rank(0, world, stages)  # ValueError when the stages do not fit the world size
         check_width(self.k, stages)
-        if self.balance is not None and len(self.balance) != stages:
-            raise ValueError(
-                f"balance={self.balance} lists {len(self.balance)} stages but there are {stages}; give one "
-                "block count per stage."
-            )
+        self._check_partition(self.partition, stages, methods=("uniform", "parameters"), name=self._partition_name)
         super()._configure_launcher()
 
     # ------------------------------------------------------------------ setup
@@ -158,7 +166,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
         protocol = self.pipeline_module
-        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), balance=self.balance)
+        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), partition=self.partition)
         existing = getattr(module, HEADS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
             heads = list(existing)  # set up before (fit, then validate): keep the trained heads
