@@ -171,7 +171,7 @@ class SparseTraining(Callback):
             counts = ", ".join(f"{n} x{c}" for n, c in sorted(engine.uncovered.items()))
             warnings.warn(
                 f"SparseTraining leaves {sum(engine.uncovered.values())} weighted module(s) dense: {counts} "
-                "(covered: nn.Linear, nn.Conv2d).",
+                "(covered: nn.Linear, nn.Conv2d and the layer registry's types, lightning_parallel.layers).",
                 stacklevel=2,
             )
         if engine.masked_by_sparse_fallback:

@@ -1,8 +1,10 @@
 """``SparseEngine``: masks or sparse patterns of a model's layers, their updates and their state (no Lightning).
 
-Covered layers: ``nn.Linear`` (and subclasses) and ``nn.Conv2d``. Other modules holding weights of two or more
-dimensions (embeddings, ``nn.MultiheadAttention``'s packed input projection, HF ``Conv1D``) stay dense; the
-engine reports them by type with counts (``uncovered``) so the caller can warn once.
+Covered layers: ``nn.Linear`` (and subclasses), ``nn.Conv2d``, and the weights of every other linear-like type
+of the layer registry (:mod:`lightning_parallel.layers`: Hugging Face ``Conv1D``, ``nn.MultiheadAttention``'s
+packed input projection), masked as whole weight tensors. Other modules holding weights of two or more
+dimensions (embeddings, ...) stay dense; the engine reports them by type with counts (``uncovered``) so the
+caller can warn once.
 
 Execution:
 
@@ -63,18 +65,51 @@ def check_options(
         raise ValueError(f"`drop_fraction={drop_fraction}` must be in [0, 1], e.g. 0.3.")
 
 
-def covered_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> tuple[dict[str, nn.Module], Counter[str]]:
-    """The layers sparse training covers, by qualified name, and a count by type of weighted modules it skips."""
+def covered_layers(
+    model: nn.Module, skip_layers: Sequence[str] = ()
+) -> tuple[dict[str, nn.Module | torch.Tensor], Counter[str]]:
+    """The layers sparse training covers, and a count by type of the weighted modules it leaves dense.
+
+    ``nn.Linear`` (and subclasses), ``nn.Conv2d`` and ``SparseLinear`` are keyed by module name; the weights of
+    the other linear-like types of the project's layer registry (:mod:`lightning_parallel.layers`: Hugging Face
+    ``Conv1D``, ``nn.MultiheadAttention``'s packed input projection) by parameter name, as the tensor itself
+    (masked execution only). A weight tied to a module that is not covered (an embedding) is left dense.
+    """
     import re
 
-    layers: dict[str, nn.Module] = {}
-    uncovered: Counter[str] = Counter()
+    from lightning_parallel.layers.registry import find_targets
+
+    def skipped(name: str, module: nn.Module) -> bool:
+        return any(re.search(p, name) or re.search(p, type(module).__name__) for p in skip_layers)
+
+    layers: dict[str, nn.Module | torch.Tensor] = {}
+    claimed: set[int] = set()
     for name, module in model.named_modules():
-        if any(re.search(p, name) or re.search(p, type(module).__name__) for p in skip_layers):
-            continue
-        if isinstance(module, (nn.Linear, nn.Conv2d, SparseLinear)):
+        if not skipped(name, module) and isinstance(module, (nn.Linear, nn.Conv2d, SparseLinear)):
             layers[name] = module
-        elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            claimed.add(id(module.values if isinstance(module, SparseLinear) else module.weight))
+    # a weight tied to a module left dense (GPT-2's lm_head and its token embedding) stays dense too
+    module_weights = {id(m.weight): name for name, m in layers.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    covered_modules = {id(m) for m in layers.values()}
+    tied: set[int] = set()
+    for module in model.modules():
+        if id(module) in covered_modules:
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in module_weights:
+                layers.pop(module_weights.pop(id(param)), None)
+                tied.add(id(param))
+    claimed -= tied
+    parameter_names = {id(p): n for n, p in model.named_parameters()}
+    for target in find_targets(model, skip=skipped):
+        weight = target.weight
+        if id(weight) not in claimed | tied and id(weight) in parameter_names:
+            claimed.add(id(weight))
+            layers[parameter_names[id(weight)]] = weight
+    uncovered: Counter[str] = Counter()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if own and not any(id(p) in claimed for p in own):
             uncovered[type(module).__name__] += 1
     return layers, uncovered
 
@@ -284,14 +319,16 @@ class SparseEngine:
         self.apply_masks()
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
+def _weight(module: nn.Module | torch.Tensor) -> torch.Tensor:
+    if isinstance(module, torch.Tensor):
+        return module
     weight = module.weight
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__}.weight is not a tensor.")
     return weight
 
 
-def _weight_shape(module: nn.Module) -> torch.Size:
+def _weight_shape(module: nn.Module | torch.Tensor) -> torch.Size:
     if isinstance(module, SparseLinear):
         return torch.Size(module.weight_shape)
     return _weight(module).shape

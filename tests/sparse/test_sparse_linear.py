@@ -117,15 +117,37 @@ def test_engine_sparse_execution_keeps_nnz_and_trains(method: str) -> None:
 
 
 def test_a_foreign_model_transformer_encoder() -> None:
-    """torch's own TransformerEncoder: FFN Linears run sparse, out_proj stays masked, MHA's packed input is counted."""
+    """torch's own TransformerEncoder: FFN Linears run sparse; out_proj and (through the layer registry) MHA's
+    packed input projection stay masked."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
     masked = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     sparse = copy.deepcopy(masked)
     engine_m = SparseEngine(masked, method="set", sparsity=0.7, distribution="uniform", seed=4)
     engine_s = SparseEngine(sparse, method="set", sparsity=0.7, distribution="uniform", seed=4, execution="sparse")
-    assert engine_m.uncovered == {"MultiheadAttention": 2} == engine_s.uncovered
+    assert not engine_m.uncovered and not engine_s.uncovered
     assert sorted(engine_s.sparse) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
-    assert sorted(engine_s.masks) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
+    assert sorted(engine_s.masks) == [
+        f"layers.{i}.self_attn.{part}" for i in (0, 1) for part in ("in_proj_weight", "out_proj")
+    ]
+    in_proj = masked.layers[0].self_attn.in_proj_weight
+    assert 0.25 < float((in_proj != 0).float().mean()) < 0.35  # masked at the uniform density 0.3
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(sparse(x), masked(x), rtol=0, atol=1e-5)
+
+
+def test_a_hugging_face_gpt2_through_the_layer_registry() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    engine = SparseEngine(model, method="set", sparsity=0.8, distribution="uniform")
+    # every Conv1D weight (attention c_attn/c_proj, MLP c_fc/c_proj) masked; the embeddings (and the tied head) dense
+    assert len(engine.masks) == 8 and all(name.endswith("weight") for name in engine.masks)
+    assert engine.uncovered == {"Embedding": 2, "Linear": 1}  # lm_head is tied to the token embedding
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert int((weight != 0).sum()) == round(0.2 * weight.numel())
+    ids = torch.randint(0, 50, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    engine.mask_gradients()
+    assert not weight.grad[weight == 0].any()
