@@ -96,9 +96,9 @@ def accuracy_run(model_name: str, method: str, sparsity: float, seed: int, epoch
     return {"val_metric": float(metrics["val_acc"]), "measured_sparsity": _sparsity(model), "seconds": seconds}
 
 
-def accuracy(quick: bool) -> list[dict[str, Any]]:
-    models = ["mlp"] if quick else ["mlp", "resnet"]
-    sparsities = [0.9] if quick else [0.8, 0.9]
+def accuracy(quick: bool, models: list[str] | None = None, sparsities: list[float] | None = None) -> list[dict[str, Any]]:
+    models = models or (["mlp"] if quick else ["mlp", "resnet"])
+    sparsities = sparsities or ([0.9] if quick else [0.8, 0.9])
     epochs = {"mlp": 15 if quick else 30, "resnet": 15}
     seeds = [0, 1, 2]
     records = []
@@ -290,6 +290,8 @@ def main() -> None:
     parts = ["memory", "accuracy", "neurons"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=None, choices=["mlp", "resnet"], help="accuracy models")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="accuracy sparsities")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -301,7 +303,7 @@ def main() -> None:
     if "memory" in args.parts:
         records += memory(args.quick)
     if "accuracy" in args.parts:
-        records += accuracy(args.quick)
+        records += accuracy(args.quick, args.models, args.sparsities)
     if "neurons" in args.parts:
         records += neurons(args.quick)
     if args.json:
