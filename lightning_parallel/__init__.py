@@ -9,11 +9,12 @@ from lightning_parallel.callbacks import DPKFAC, MetricsSummary
 from lightning_parallel.data import DigitsDataModule, SyntheticDataModule, TextDataModule
 from lightning_parallel.models import GPTLanguageModel, MLPClassifier, ResNetClassifier
 from lightning_parallel.plugins import CompressedActivationPrecision, QuantizationPrecision
-from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
+from lightning_parallel.strategies import AuxNetStrategy, ChimeraStrategy, InterlockingBackpropStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: RUF022 - plain sorted order
+    "AuxNetStrategy",
     "ChimeraStrategy",
     "CompressedActivationPrecision",
     "DPKFAC",

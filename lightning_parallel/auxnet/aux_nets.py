@@ -17,6 +17,7 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ def default_aux_net(
         ratio = max(1, x.shape[2] // z.shape[2])
         layers: list[nn.Module] = [
             nn.Conv2d(x.shape[1], channels, 2 * ratio + 1, stride=ratio, padding=ratio),
+            nn.GroupNorm(math.gcd(8, channels), channels),
             nn.ReLU(),
             nn.Conv2d(channels, channels, 1),
         ]

@@ -16,25 +16,25 @@ class AuxNetOptions:
 
     Args:
         loss: ``"penalty"`` or ``"augmented_lagrangian"`` (see :mod:`lightning_parallel.auxnet.objective`).
-            Default ``"augmented_lagrangian"``.
-        rho: penalty weight at step 0 (> 0). Default 1.0.
+            Default ``"penalty"``.
+        rho: penalty weight at step 0 (> 0). Default 10.0.
         rho_growth: factor applied to ``rho`` per training step (>= 1; 1 keeps it constant). Default 1.0.
         rho_max: upper bound of ``rho`` (``None``: unbounded). Default ``None``.
         aux_update_interval: refit the auxiliary networks to the stages' true inputs every this many training
             steps, at the start of the step (0: never). Default 10.
         aux_steps: gradient steps per refit, on the step's batch. Default 1.
-        aux_lr: learning rate of the refits' Adam optimizer (one per stage). Default 1e-3.
+        aux_lr: learning rate of the refits' Adam optimizer (one per stage). Default 3e-3.
         oracle: replace the auxiliary networks by the true prefix of the model: stage ``s`` waits for stage
             ``s - 1``'s output and trains on it (serial; for tests). Default False.
     """
 
-    loss: LossName = "augmented_lagrangian"
-    rho: float = 1.0
+    loss: LossName = "penalty"
+    rho: float = 10.0
     rho_growth: float = 1.0
     rho_max: float | None = None
     aux_update_interval: int = 10
     aux_steps: int = 1
-    aux_lr: float = 1e-3
+    aux_lr: float = 3e-3
     oracle: bool = False
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ OPTIONS = AuxNetOptions(
 )
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_distributed_equals_single_process(world_size: int) -> None:
     results = run_distributed(distributed_worker, world_size, OPTIONS, timeout=150)
     torch.set_num_threads(1)  # as in the workers: same kernels, so the same rounding
