@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import interlocking as base
 
 from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, split_trunk_with_aux_nets
-from lightning_parallel.pipeline.interlocking_stage import SimulatedCost
+from lightning_parallel.interlocking.stage import SimulatedCost
 
 STAGES, MICRO, SIZE, FEATURES = base.STAGES, 4, 8, 16
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_parallel.pipeline.interlocking import split_blocks
+from lightning_parallel.interlocking.heads import cut_trunk
 
 
 def default_aux_net(
@@ -106,37 +106,19 @@ def build_aux_nets(
 
 
 def split_trunk_with_aux_nets(
-    module: Any, stages: int, sample_batch: Any, *, balance: Sequence[int] | None = None
+    module: Any, stages: int, sample_batch: Any, *, partition: str | Sequence[int] | None = None
 ) -> tuple[list[nn.Sequential], list[nn.Module]]:
     """Cut a pipeline-protocol module's blocks into stages and build the auxiliary networks of stages ``1 ..``.
 
-    The stages share their parameters with ``module`` (cut as interlocking backprop cuts them); the auxiliary
-    networks are new modules (the Lightning strategy attaches them to the module so that optimizers and
-    checkpoints see them). The sample stage inputs come from one forward in eval mode without autograd.
+    The stages are cut as interlocking backprop cuts them (:func:`~lightning_parallel.interlocking.heads.cut_trunk`)
+    and share their parameters with ``module``; the auxiliary networks are new modules (the Lightning strategy
+    attaches them to the module so that optimizers and checkpoints see them).
 
     Args:
         module: a module implementing the pipeline protocol.
         stages: the number of stages ``S``.
         sample_batch: a (micro-)batch used to infer the stage inputs' shapes.
-        balance: optional block count per stage.
+        partition: blocks per stage, as for :func:`~lightning_parallel.interlocking.heads.split_trunk`.
     """
-    blocks = list(module.pipeline_blocks())
-    stage_blocks = [
-        nn.Sequential(*(blocks[i] for i in r)) for r in split_blocks(len(blocks), stages, balance)
-    ]
-    x = module.pipeline_input(sample_batch)
-    inputs = []
-    modes = [m.training for m in module.modules()] if isinstance(module, nn.Module) else []
-    try:
-        if isinstance(module, nn.Module):
-            module.eval()
-        with torch.no_grad():
-            h = x
-            for stage in stage_blocks[:-1]:
-                h = stage(h)
-                inputs.append(h)
-    finally:
-        if isinstance(module, nn.Module):
-            for sub, mode in zip(module.modules(), modes):
-                sub.training = mode
-    return stage_blocks, build_aux_nets(module, x, inputs)
+    stage_blocks, outputs = cut_trunk(module, stages, sample_batch, partition=partition)
+    return stage_blocks, build_aux_nets(module, module.pipeline_input(sample_batch), outputs[:-1])

@@ -45,10 +45,10 @@ from torch import nn
 from lightning_parallel.auxnet.messages import Messenger
 from lightning_parallel.auxnet.options import AuxNetOptions
 from lightning_parallel.auxnet.stage import AuxNetStage, LossFn, sleep
-from lightning_parallel.pipeline.interlocking import stages_of_rank
-from lightning_parallel.pipeline.interlocking_runtime import infer_stage_outputs
-from lightning_parallel.pipeline.interlocking_stage import SimulatedCost
-from lightning_parallel.pipeline.protocol import batch_size
+from lightning_parallel.interlocking.plan import stages_of_rank
+from lightning_parallel.interlocking.runtime import infer_stage_outputs
+from lightning_parallel.interlocking.stage import SimulatedCost
+from lightning_parallel.pipeline.micro_batches import batch_size
 
 _OUTPUT, _TARGET, _REFIT, _EVAL = 0, 1, 2, 3
 _NAMES = {
@@ -248,6 +248,8 @@ class AuxNetRuntime:
         return torch.zeros_like(like) if value is None else value
 
     def _check_multipliers(self, micro_batch: Any) -> None:
+        if not self.multipliers:
+            return
         shapes = self._stage_shapes(micro_batch)
         for boundary, value in self.multipliers.items():
             expected = shapes[boundary - 1][0][1:]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_parallel.auxnet.objective import constraint_term, residual_mean
-from lightning_parallel.pipeline.interlocking_stage import SimulatedCost
+from lightning_parallel.interlocking.stage import SimulatedCost
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 

@@ -13,8 +13,9 @@ Design decisions:
 - The module given to ``convert_module`` is registered so that its parameters and buffers are
   never compressed, and (with ``adaptive=True``) its Linear and Conv layers are hooked by the
   :class:`~lightning_parallel.compression.AdaptiveErrorController`, which recalibrates after
-  backward every ``adapt_interval`` steps. Its state goes into the checkpoint through
-  ``state_dict``/``load_state_dict``, next to the inner precision's.
+  backward every ``adapt_interval`` steps. Its state, and the codec's (the k-bit stochastic
+  rounding generators), go into the checkpoint through ``state_dict``/``load_state_dict``, next to
+  the inner precision's, so a run resumed mid-epoch draws the same rounding noise.
 - After every training forward the step's accounting (compression ratio, raw and packed bytes
   over unique storages, peak saved bytes) is logged as ``compression/<name>`` and kept in
   :attr:`last_stats`.
@@ -182,6 +183,7 @@ class CompressedActivationPrecision(WrappingPrecision):
         return {
             "inner": self.inner.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
+            "codec": self.compressor.codec.state_dict(),
         }
 
     @override
@@ -190,6 +192,8 @@ class CompressedActivationPrecision(WrappingPrecision):
             self.inner.load_state_dict(state_dict["inner"])
         if self.controller is not None and state_dict.get("controller") is not None:
             self.controller.load_state_dict(state_dict["controller"])
+        if state_dict.get("codec"):
+            self.compressor.codec.load_state_dict(state_dict["codec"])
 
     # ---- every other hook is handed to the inner precision by WrappingPrecision ------------------
 

@@ -4,12 +4,13 @@ Design decisions:
 
 - The execution is :class:`lightning_parallel.auxnet.AuxNetRuntime` (objectives written down in
   :mod:`lightning_parallel.auxnet.objective`); this file only adapts it to the Trainer.
-- Built on :class:`InterlockingBackpropStrategy` for what every local-learning pipeline strategy shares
-  (launching, every rank reading the same batch, the sample batch of ``setup``, the asynchronous SIGTERM flag,
-  ``synchronous``, gradients set aside in ``training_step`` and installed in ``backward``, the full module
-  handed back at the end of ``fit``, optimizer state gathered from the owners, predict refused). This is a
-  stop-gap until the shared pipeline base (``strategies/pipeline_base.py``) exists: AuxNet is a sibling of
-  interlocking backprop, not a kind of it, and will move onto that base. ``k`` of the parent is unused.
+- A sibling of :class:`InterlockingBackpropStrategy` on
+  :class:`~lightning_parallel.strategies.local_learning.LocalLearningStrategy` (itself a
+  :class:`~lightning_parallel.strategies.pipeline_base.PipelineStrategy`), which owns what the two share:
+  launching, every rank reading the same batch, the sample batch of ``setup``, no flush between steps (and
+  the asynchronous SIGTERM flag), ``synchronous``, gradients set aside in ``training_step`` and installed in
+  ``backward``, the full module handed back at the end of ``fit``, optimizer state gathered from the owners,
+  the stages check on resume, predict refused.
 - The auxiliary networks are built in ``setup`` (the module's ``pipeline_aux_net`` hook, else the default) from
   one sample batch and attached to the LightningModule as ``auxnet_aux_nets`` (an ``nn.ModuleList``) *before*
   ``configure_optimizers`` runs, so the optimizer trains them with the stages. Their refits use the runtime's
@@ -21,46 +22,43 @@ Design decisions:
   auxiliary networks) and log ``val_<metric>`` / ``test_<metric>`` of the model's own output.
 - Checkpoints are full and load on one device: ``state_dict`` is the module's own (stages gathered from their
   owners, auxiliary networks left out), so ``YourModule.load_from_checkpoint(path)`` works. Under
-  ``checkpoint["auxnet"]``: the auxiliary networks, the multipliers, the step count (``rho`` schedule, refit
-  interval) and the refit optimizers, gathered from every rank. Resuming restores everything exactly.
+  ``checkpoint["auxnet"]``: ``stages``, the options, the auxiliary networks, the multipliers, the step count
+  (``rho`` schedule, refit interval) and the refit optimizers, gathered from every rank. Resuming restores
+  everything exactly; resuming with another ``stages`` is refused by the base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, split_trunk_with_aux_nets
 from lightning_parallel.auxnet.objective import LossName
-from lightning_parallel.pipeline.interlocking import stages_of_rank
-from lightning_parallel.pipeline.protocol import batch_size
+from lightning_parallel.interlocking.plan import stages_of_rank
+from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
-from lightning_parallel.strategies._setup import begin_pipeline_setup
-from lightning_parallel.strategies.interlocking import (
-    InterlockingBackpropStrategy,
-    _one_step_late,
-    split_micro_batches,
-)
+from lightning_parallel.strategies.local_learning import LocalLearningStrategy
+from lightning_parallel.strategies.pipeline_base import StartMethod
 
 AUX_NETS_ATTRIBUTE = "auxnet_aux_nets"
 
 
-class AuxNetStrategy(InterlockingBackpropStrategy):
+class AuxNetStrategy(LocalLearningStrategy):
     """AuxNet (Sun, Dong et al. 2021): every stage trains from an auxiliary network's prediction of its input.
 
     Args:
         stages: number of stages S. ``None`` (default) uses one stage per process; in single-process mode
             (``devices=1``) give it explicitly. Must be a multiple of the world size.
         micro_batches: micro-batches per optimizer step. Default 4.
-        balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
+        partition: blocks per stage: ``None`` (default: equal counts, leftovers to the outer stages first),
+            ``"uniform"``, ``"parameters"`` or an explicit list such as ``[2, 1, 1, 2]`` (as for
+            :class:`InterlockingBackpropStrategy`).
         loss: ``"penalty"`` or ``"augmented_lagrangian"``. Default ``"penalty"``.
         rho: penalty weight at step 0. Default 10.0.
         rho_growth: factor applied to ``rho`` per training step (1 keeps it constant). Default 1.0.
@@ -78,13 +76,14 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
     """
 
     strategy_name = "auxnet"
+    checkpoint_key = "auxnet"
 
     def __init__(
         self,
         stages: int | None = None,
         micro_batches: int = 4,
         *,
-        balance: Sequence[int] | None = None,
+        partition: str | Sequence[int] | None = None,
         loss: LossName = "penalty",
         rho: float = 10.0,
         rho_growth: float = 1.0,
@@ -95,7 +94,7 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
         oracle: bool = False,
         synchronous: bool = False,
         timeout_s: float = 300.0,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        start_method: StartMethod = "popen",
         **kwargs: Any,
     ) -> None:
         self.options = AuxNetOptions(
@@ -109,28 +108,33 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
             oracle=oracle,
         )
         super().__init__(
-            1,
             stages,
             micro_batches,
-            balance=balance,
             synchronous=synchronous,
             timeout_s=timeout_s,
             start_method=start_method,
             **kwargs,
         )
-        self.runtime: AuxNetRuntime | None = None  # type: ignore[assignment]
+        self.partition = self._check_partition(partition, stages, methods=("uniform", "parameters"))
+        self.runtime: AuxNetRuntime | None = None
         self._metric_names: list[str] | None = None
+
+    @override
+    def _configure_launcher(self) -> None:
+        world = self.num_processes * self.num_nodes
+        stages = self.stages if self.stages is not None else world
+        stages_of_rank(0, world, stages)  # ValueError when the stages do not fit the world size
+        self._check_partition(self.partition, stages, methods=("uniform", "parameters"))
+        super()._configure_launcher()
 
     # ------------------------------------------------------------------ setup
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        module = begin_pipeline_setup(self, trainer)
+    def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         stages = self.num_stages
         held = stages_of_rank(self.global_rank, self.world_size, stages)
-        self.model_to_device()
-        protocol: Any = module  # implements the pipeline protocol (checked above)
+        protocol = self.pipeline_module
         stage_blocks, aux_nets = split_trunk_with_aux_nets(
-            module, stages, self._sample_batch(trainer), balance=self.balance
+            module, stages, self._sample_batch(trainer), partition=self.partition
         )
         existing = getattr(module, AUX_NETS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(aux_nets):
@@ -139,7 +143,7 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
             module.add_module(AUX_NETS_ATTRIBUTE, nn.ModuleList(aux_nets).to(self.root_device))
         if self.world_size > 1:
             broadcast_tensors(module_tensors([module]), src=0)
-            self._loss_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self.new_loss_group()
         self.runtime = AuxNetRuntime(
             stage_blocks,
             aux_nets,
@@ -151,17 +155,11 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
             timeout_s=self.timeout_s,
         )
         owner = [s * self.world_size // stages for s in range(stages)]
+        self._held_stages = {(0, s): stage_blocks[s] for s in held}
         self._held_modules = [stage_blocks[s] for s in held] + [aux_nets[s - 1] for s in held if s > 0]
         self._stage_owners = [(stage_blocks[s], owner[s]) for s in range(stages)] + [
             (aux_nets[s - 1], owner[s]) for s in range(1, stages)
         ]
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-            self._defer_sigterm_check(trainer)
-        self.setup_precision_plugin()
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
-
-        _optimizers_to_device(self.optimizers, self.root_device)
 
     # ------------------------------------------------------------------ steps
     @override
@@ -169,15 +167,12 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
         batch = args[0] if args else kwargs["batch"]
         runtime = self._auxnet_runtime()
         module = self.lightning_module
-        params = list(module.parameters())  # type: ignore[union-attr]
-        previous = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        micro_batches = split_micro_batches(batch, self.micro_batches)
         with self.precision_plugin.train_step_context():
-            stats = runtime.train_step(split_micro_batches(batch, self.micro_batches))
-        self._stash = [(p, p.grad) for p in params if p.grad is not None]
-        for p, grad in zip(params, previous):
-            p.grad = grad
+            stats = self.set_aside.compute(
+                list(module.parameters()),  # type: ignore[union-attr]
+                lambda: runtime.train_step(micro_batches),
+            )
         stages = self.num_stages
         vector = torch.zeros(2 * stages - 1)  # loss, penalty 1 .. S-1, residual 1 .. S-1
         for stage, values in stats.items():
@@ -186,12 +181,10 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
             if stage > 0:
                 vector[stage] = values["penalty"]
                 vector[stages - 1 + stage] = values["residual"]
-        if self.world_size > 1:
-            handle = dist.all_reduce(vector, group=self._loss_group, async_op=True)
-            done = _one_step_late(self._pending_losses, handle, vector, late=not self.synchronous)
-            if done is None:
-                return torch.zeros(())
-            vector = done
+        done = self.reduce_late(vector)
+        if done is None:
+            return torch.zeros(())
+        vector = done
         size = batch_size(batch)
         log: Any = module.log  # type: ignore[union-attr]
         log("train_loss", vector[0], prog_bar=True, batch_size=size)
@@ -204,13 +197,7 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
     def _evaluate(self, batch: Any, split: str) -> Tensor:
         runtime = self._auxnet_runtime()
         module = self.lightning_module
-        metrics_fn: Any = getattr(module, "pipeline_metrics", None)
-        if not callable(metrics_fn):
-            loss_fn: Any = getattr(module, "pipeline_loss")  # noqa: B009 - typed as Any on purpose
-
-            def metrics_fn(output: Tensor, micro_batch: Any) -> dict[str, Tensor]:
-                return {"loss": loss_fn(output, micro_batch)}
-
+        metrics_fn = self._metrics_fn()
         with self.precision_plugin.val_step_context():
             results = runtime.evaluate(split_micro_batches(batch, self.micro_batches), metrics_fn)
         last = self.world_size - 1
@@ -236,31 +223,27 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
     # ------------------------------------------------------------------ checkpoints
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        self._sync_full_module()
-        state = super(InterlockingBackpropStrategy, self).lightning_module_state_dict()
+        state = super().lightning_module_state_dict()
         return {key: value for key, value in state.items() if not key.startswith(AUX_NETS_ATTRIBUTE + ".")}
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
+    def checkpoint_metadata(self) -> dict[str, Any]:
         nets = getattr(self.lightning_module, AUX_NETS_ATTRIBUTE, None)
-        checkpoint["auxnet"] = {
-            "stages": self.num_stages,
+        return {
+            **super().checkpoint_metadata(),
             "options": vars(self.options).copy(),
             "aux_nets": {} if nets is None else {k: v.detach().cpu() for k, v in nets.state_dict().items()},
             "runtime": self._runtime_state(),
         }
-        super(InterlockingBackpropStrategy, self).save_checkpoint(checkpoint, filepath, storage_options)
 
     def _runtime_state(self) -> dict[str, Any]:
         """The runtime's step, multipliers and refit optimizers, merged over the ranks (collective)."""
         if self.runtime is None:
             return {}
         local = self.runtime.state_dict()
-        parts = [local]
+        parts: list[Any] = [local]
         if self.world_size > 1:
-            parts = [None] * self.world_size  # type: ignore[list-item]
+            parts = [None] * self.world_size
             dist.all_gather_object(parts, local, group=self._loss_group)
         merged: dict[str, Any] = {"step": local["step"], "multipliers": {}, "refit_optimizers": {}}
         for part in parts:
@@ -280,16 +263,11 @@ class AuxNetStrategy(InterlockingBackpropStrategy):
                 f"The checkpoint does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
                 f"{result.unexpected_keys}."
             )
-        saved = checkpoint.get("auxnet")
+        saved = checkpoint.get(self.checkpoint_key)
         nets = getattr(module, AUX_NETS_ATTRIBUTE, None)
         if saved is None or nets is None:
             return
-        if saved.get("stages") != self.num_stages:
-            raise ValueError(
-                f"The checkpoint was written with stages={saved.get('stages')} (its auxiliary networks belong to "
-                f"those stages) but this run has stages={self.num_stages}; resume with "
-                f"stages={saved.get('stages')}, or start from its weights with `YourModule.load_from_checkpoint`."
-            )
+        # written with the same stages: PipelineStrategy.load_checkpoint refuses others
         nets.load_state_dict(saved["aux_nets"])
         if self.runtime is not None and saved.get("runtime"):
             self.runtime.load_state_dict(saved["runtime"])

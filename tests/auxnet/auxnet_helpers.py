@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, split_trunk_with_aux_nets
-from lightning_parallel.pipeline.protocol import split_batch
-from tests.pipeline.interlocking_helpers import image_batches, tiny_model
+from lightning_parallel.pipeline.micro_batches import split_micro_batches as split_batch
+from tests.interlocking.helpers import image_batches, tiny_model
 
 MICRO = 4
 STAGES = 4

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, RhoSchedule
-from lightning_parallel.pipeline.protocol import split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches as split_batch
 
 RHO = 0.7
 STAGES = 3

@@ -12,7 +12,7 @@ from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, build_aux_ne
 from lightning_parallel.auxnet.aux_nets import split_trunk_with_aux_nets
 from tests.auxnet.auxnet_helpers import STAGES, distributed_worker, held_state, train
 from tests.helpers.distributed import run_distributed
-from tests.pipeline.interlocking_helpers import image_batches, tiny_model
+from tests.interlocking.helpers import image_batches, tiny_model
 
 OPTIONS = AuxNetOptions(
     loss="augmented_lagrangian", rho=0.5, rho_growth=1.5, aux_update_interval=2, aux_steps=2

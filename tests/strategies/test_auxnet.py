@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_parallel.auxnet import AuxNetOptions, AuxNetRuntime, split_trunk_with_aux_nets
 from lightning_parallel.models import ResNetClassifier
-from lightning_parallel.pipeline.protocol import split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches as split_batch
 from lightning_parallel.strategies import AuxNetStrategy
 from tests.helpers.distributed import run_distributed
 from tests.strategies.test_interlocking import _assert_close, _data, _model, _trainer
@@ -141,7 +141,7 @@ def test_two_processes_equal_single_process(single: dict[str, Any], tmp_path: An
 def test_resume_with_other_stages_is_refused(single: dict[str, Any]) -> None:
     trainer = _trainer(AuxNetStrategy(stages=2, micro_batches=2), max_epochs=2)
     with pytest.raises(
-        ValueError, match=r"written with stages=4 .* this run has stages=2; resume with stages=4"
+        ValueError, match=r"written with stages=4 but this run has stages=2\. Resume with stages=4"
     ):
         trainer.fit(_model(), _data(3), ckpt_path=single["path"])
 
@@ -165,7 +165,8 @@ def test_registered_name() -> None:
         ({"oracle": 1}, 1, r"oracle=1 must be True or False"),
         ({"stages": 3}, 2, r"stages=3 must be a multiple of the world size \(2 processes\)"),
         ({"stages": 4, "micro_batches": 0}, 1, r"micro_batches=0 must be a positive integer"),
-        ({"stages": 4, "balance": [1, 2]}, 1, r"balance=\[1, 2\] lists 2 stages but stages=4"),
+        ({"stages": 4, "partition": [1, 2]}, 1, r"partition=\[1, 2\] lists 2 stages but stages=4"),
+        ({"stages": 4, "partition": "profile"}, 1, r"partition='profile' is not one of \('uniform', 'parameters'\)"),
         ({"timeout_s": 0}, 1, r"timeout_s=0 must be positive"),
     ],
 )
