@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
@@ -171,6 +172,7 @@ class DPKFAC(Callback):
 
     def _build(self, preconditioner: KFACPreconditioner, previous: KFACPreconditioner | None) -> None:
         self.preconditioner = preconditioner
+        preconditioner.coverage.report(rank_zero_info, rank_zero_warn)  # which weights K-FAC sees, once
         if self._pending_state is not None:  # restored from a checkpoint before setup
             self.preconditioner.load_state_dict(self._pending_state)
             self._restore_fisher_rng(self._pending_state)
