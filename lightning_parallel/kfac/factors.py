@@ -216,3 +216,11 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     assert isinstance(weight, torch.Tensor)
     in_dim = weight[0].numel() + (1 if module.bias is not None else 0)
     return in_dim, weight.shape[0]
+
+
+def from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric ``(dim, dim)`` matrix whose upper triangle (row-major) is ``packed``."""
+    i, j = torch.triu_indices(dim, dim, device=packed.device)
+    mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
+    mat[i, j] = packed
+    return mat + mat.triu(1).t()
