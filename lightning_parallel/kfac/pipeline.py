@@ -94,7 +94,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         start = self.clock()
         pieces: list[torch.Tensor] = []
         dtype, device = self.layers[0].dtype, self.layers[0].device
-        counts = torch.zeros(3 * len(self.layers), dtype=torch.float64, device=device)
+        counts = torch.zeros(4 * len(self.layers), dtype=torch.float64, device=device)
         for j, i in enumerate(self._pair_order):
             layer = self.layers[i]
             fired = layer.a_sum is not None and layer.g_sum is not None
@@ -109,8 +109,8 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
                 g.to(dtype=dtype, device=device).reshape(-1),
             ]
             if fired:
-                counts[3 * j : 3 * j + 3] = torch.tensor(
-                    [layer.a_rows, layer.examples, 1.0], dtype=torch.float64
+                counts[4 * j : 4 * j + 4] = torch.tensor(
+                    [layer.a_rows, layer.examples, layer.examples_used, 1.0], dtype=torch.float64
                 )
         flat = torch.cat(pieces)
         self.comm.bytes_communicated += (
@@ -125,12 +125,12 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             a = flat[offset : offset + a_size].view(layer.in_dim, layer.in_dim)
             g = flat[offset + a_size : offset + a_size + g_size].view(layer.out_dim, layer.out_dim)
             offset += a_size + g_size
-            rows, examples, holders = (float(v) for v in counts[3 * j : 3 * j + 3])
+            rows, examples, used, holders = (float(v) for v in counts[4 * j : 4 * j + 4])
             if holders < 2:  # a copy whose hooks did not fire would bias the factors: keep them unset
                 layer.reset_accumulators()
                 continue
             layer.a_sum, layer.g_sum = a.clone(), g.clone()
-            layer.a_rows, layer.examples = int(rows), int(examples)
+            layer.a_rows, layer.examples, layer.examples_used = int(rows), int(examples), int(used)
         self.counters["communication_seconds"] += self.clock() - start
 
     # ------------------------------------------------------------------ KL-clip
