@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, placement_costs
+from lightning_parallel.kfac import KFACOptions, KFACPreconditioner
 from tests.helpers.distributed import run_distributed
 
 
