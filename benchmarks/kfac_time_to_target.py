@@ -40,9 +40,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kfac import TASKS, digits  # noqa: E402  (the sibling benchmark's tasks)
+from kfac import TASKS, digits
 
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner  # noqa: E402
+from lightning_parallel.kfac import KFACOptions, KFACPreconditioner
 
 GPT = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 16}
 
