@@ -142,7 +142,7 @@ class ChimeraStrategy(DDPStrategy):
         except ValueError as err:
             raise ValueError(
                 f"{type(self).__name__}(stages={stages}, micro_batches={self.micro_batches}, "
-                f"schedule={self.schedule!r}) cannot run: {err}"
+                f"schedule={self.schedule!r}) cannot run: {str(err).replace('kind=', 'schedule=')}"
             ) from err
 
     # ------------------------------------------------------------------ shape of the job
