@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -154,6 +155,7 @@ def test_two_processes_against_replicated_and_single_process() -> None:
     assert owners == results[1][True]["dp_owners"] and set(owners) == {0, 1}
 
 
+@pytest.mark.slow
 def test_four_processes_dp_equals_replicated() -> None:
     results = run_distributed(_worker, 4, (True,), timeout=120.0)
     reference = _single_process()
