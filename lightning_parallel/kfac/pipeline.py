@@ -23,10 +23,13 @@ Design decisions:
 - KL-clip: ``sum lr^2 <v, g>`` is taken over the replica-0 copies (each stage once) and summed over
   the pipeline, so every rank uses the single-device clip factor.
 - Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective).
+- A rank whose stages hold no supported layer warns once and keeps taking part in every
+  collective (KL-clip sum, checkpoint gather), so the other ranks never wait for it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -50,8 +53,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             (``None`` or a group of one rank: a single pipeline).
 
     Raises:
-        ValueError: If no held copy has a supported layer, ``assignment="dp"`` with several
-            pipeline replicas, or a sampled ``fisher``.
+        ValueError: If ``assignment="dp"`` with several pipeline replicas, or a sampled ``fisher``.
     """
 
     def __init__(
@@ -74,10 +76,18 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
                 f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
                 " strategy; use assignment='replicated' (or one pipeline replica)."
             )
-        super().__init__(_nested(stage_modules), options, group=data_parallel_group if dp_size > 1 else None)
+        nested = _nested(stage_modules)
+        super().__init__(nested, options, group=data_parallel_group if dp_size > 1 else None, allow_empty=True)
+        if not self.layers:
+            warnings.warn(
+                f"K-FAC: the stages this rank holds ({sorted(stage_modules)} as (replica, stage)) have no nn.Linear or"
+                " nn.Conv2d layer to precondition; the rank only takes part in K-FAC's collectives.",
+                stacklevel=2,
+            )
         if dp_size == 1:  # one pipeline: every exchange is explicit below, the base class stays local
             self.comm.distributed, self.comm.world_size, self.comm.rank = False, 1, 0
             self.owners = [0] * len(self.layers)
+            self.placement = "all"
         self.pipeline_group = pipeline_group if distributed else None
         self.pair_group = pair_group if distributed else None
         # the pair exchange order: by stage, then layer name, identical on both holders
@@ -91,9 +101,11 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
 
     def _sum_pair_accumulators(self) -> None:
         """Adds the raw hook sums of the two copies of every held stage (one all-reduce)."""
+        if not self.layers:  # the pair partner holds the same stages: it has none either
+            return
         start = self.clock()
         pieces: list[torch.Tensor] = []
-        dtype, device = self.layers[0].dtype, self.layers[0].device
+        dtype, device = self.dtype, self.device
         counts = torch.zeros(4 * len(self.layers), dtype=torch.float64, device=device)
         for j, i in enumerate(self._pair_order):
             layer = self.layers[i]
@@ -141,7 +153,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
     def _reduce_kl(self, total: float) -> float:
         # Every rank of the pipeline must use the single-device clip factor: sum over the whole pipeline.
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
-            summed = torch.tensor([total], dtype=torch.float64, device=self.layers[0].device)
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce(summed, group=self.pipeline_group)
             return float(summed)
         return total

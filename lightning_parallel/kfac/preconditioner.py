@@ -84,12 +84,17 @@ class KFACPreconditioner:
         options: The hyperparameters (see :class:`KFACOptions`).
         group: Process group over which the gradients are replicated (``None``: the default group
             when one is initialised, otherwise single-process K-FAC).
+        allow_empty: Accept a model with no supported layer (a pipeline rank whose stages hold
+            none: it preconditions nothing but takes part in the collectives). Default ``False``.
 
     Raises:
-        ValueError: If the model has no supported layer left after ``skip_layers``.
+        ValueError: If the model has no supported layer left after ``skip_layers`` (unless
+            ``allow_empty``).
     """
 
-    def __init__(self, model: nn.Module, options: KFACOptions | None = None, group: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, options: KFACOptions | None = None, group: Any = None, *, allow_empty: bool = False
+    ) -> None:
         self.options = options if options is not None else KFACOptions()
         self.comm = Communicator(group)
         self.layers: list[KFACLayer] = []
@@ -97,7 +102,11 @@ class KFACPreconditioner:
             if not supported(module) or self._skipped(name, module):
                 continue
             self.layers.append(KFACLayer(name, module, self.options.factor_subsample))
-        if not self.layers:
+        # dtype and device of the small tensors K-FAC communicates (a rank without layers needs them too)
+        first = self.layers[0].module.weight if self.layers else next(model.parameters(), None)
+        self.device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        self.dtype = self.layers[0].dtype if self.layers else torch.float32
+        if not self.layers and not allow_empty:
             raise ValueError(
                 f"`model` ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer left to precondition"
                 f" (skip_layers={list(self.options.skip_layers)}); add such layers or loosen `skip_layers`."
@@ -309,7 +318,7 @@ class KFACPreconditioner:
             method=self.options.method,
             factor_update_steps=fus,
             inv_update_steps=ius,
-            element_size=self.layers[0].dtype.itemsize,
+            element_size=self.dtype.itemsize,
         )
         self.costs_by_placement = costs
         if self.options.assignment == "replicated" or self.comm.world_size == 1:
@@ -339,8 +348,7 @@ class KFACPreconditioner:
         """Averages the batch factors over the ranks (``replicated``); only upper triangles travel."""
         start = self.clock()
         pieces: list[torch.Tensor] = []
-        dtype = self.layers[0].dtype
-        device = self.layers[0].device
+        dtype, device = self.dtype, self.device
         valid = torch.zeros(len(self.layers), dtype=dtype, device=device)
         for i, (layer, factors) in enumerate(zip(self.layers, batch)):
             ia, ja = torch.triu_indices(layer.in_dim, layer.in_dim, device=device)
@@ -397,7 +405,7 @@ class KFACPreconditioner:
         per owner); every rank, the owner included, installs the received copy."""
         assert self.owners is not None
         method = self.options.method
-        dtype = self.layers[0].dtype
+        dtype = self.dtype
         for rank in range(self.comm.world_size):
             owned = [i for i, owner in enumerate(self.owners) if owner == rank]
             if not owned:
@@ -406,7 +414,7 @@ class KFACPreconditioner:
             meta = torch.tensor(
                 [float(bool(self.layers[i].decomposition)) for i in owned] + [self.layers[i].pi for i in owned],
                 dtype=dtype,
-                device=self.layers[0].device,
+                device=self.device,
             )
             received = self.comm.broadcast([*(p for layer in pieces for p in layer), meta], rank)
             flags = received[-1].tolist()
@@ -555,7 +563,7 @@ class KFACPreconditioner:
         self._generator = None
         rng = state.get("fisher_rng")
         if rng is not None and self.options.sampled_fisher:
-            self._generator = torch.Generator(device=self.layers[0].device)
+            self._generator = torch.Generator(device=self.device)
             if self.comm.world_size == 1:
                 self._generator.set_state(rng)  # exact resume
             else:  # the checkpoint holds one rank's generator: a fresh, distinct stream per rank
