@@ -144,6 +144,7 @@ class DPKFAC(Callback):
         groups = strategy.pipeline_groups
         assert groups is not None
         held = strategy.held_stage_modules
+        module = strategy.lightning_module
         two_copies = any(replica > 0 for replica, _ in held)
         preconditioner = PipelineKFACPreconditioner(
             held,
@@ -151,6 +152,7 @@ class DPKFAC(Callback):
             pipeline_group=groups.pipeline_group,
             pair_group=groups.pair_group if two_copies else None,
             data_parallel_group=groups.data_parallel_group,
+            accumulate_grad_batches=int(module.trainer.accumulate_grad_batches) if module is not None else 1,
         )
         self._build(preconditioner, self._previous)
         self._previous = None

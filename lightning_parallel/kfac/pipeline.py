@@ -20,6 +20,9 @@ Design decisions:
   group with the ``replicated`` machinery of :class:`KFACPreconditioner` (the gradients are
   averaged there too). ``assignment="dp"`` is only meaningful within that group; with more than one
   pipeline replica it is refused, since the two holders of a stage need the same layers locally.
+- Gradient accumulation: the runtime scales the gradients by ``1 / accumulate_grad_batches``
+  after backward (not the loss), so the recorded output gradients are that many times too large;
+  the factor is divided out of ``G`` like an AMP loss scale.
 - KL-clip: ``sum lr^2 <v, g>`` is taken over the replica-0 copies (each stage once) and summed over
   the pipeline, so every rank uses the single-device clip factor.
 - Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective).
@@ -51,6 +54,9 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             when every stage has one holder.
         data_parallel_group: The ranks holding the same stages in the other pipeline replicas
             (``None`` or a group of one rank: a single pipeline).
+        accumulate_grad_batches: Batches per optimizer step. The pipeline runtime backpropagates
+            each batch's unscaled loss and divides the gradients by this number afterwards, so the
+            recorded output gradients carry it too: it is divided out of ``G``. Default 1.
 
     Raises:
         ValueError: If ``assignment="dp"`` with several pipeline replicas, or a sampled ``fisher``.
@@ -64,6 +70,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         pipeline_group: Any = None,
         pair_group: Any = None,
         data_parallel_group: Any = None,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         options = options if options is not None else KFACOptions()
         options.check_pipeline("a pipeline strategy")
@@ -88,12 +95,22 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             self.comm.distributed, self.comm.world_size, self.comm.rank = False, 1, 0
             self.owners = [0] * len(self.layers)
             self.placement = "all"
+        self.accumulate_grad_batches = max(1, int(accumulate_grad_batches))
         self.pipeline_group = pipeline_group if distributed else None
         self.pair_group = pair_group if distributed else None
         # the pair exchange order: by stage, then layer name, identical on both holders
         self._pair_order = sorted(range(len(self.layers)), key=lambda i: _stage_key(self.layers[i].name))
 
     # ------------------------------------------------------------------ factors
+    def step(self, optimizer: torch.optim.Optimizer | None = None, grad_scale: float = 1.0) -> None:
+        """As :meth:`KFACPreconditioner.step`; the gradient accumulation's scale is divided out of ``G``.
+
+        Args:
+            optimizer: The optimizer about to step.
+            grad_scale: The AMP loss scale of the recorded output gradients.
+        """
+        super().step(optimizer, grad_scale * self.accumulate_grad_batches)
+
     def _update_factors(self, step: int, grad_scale: float) -> None:
         if self.pair_group is not None and dist.get_world_size(self.pair_group) > 1:
             self._sum_pair_accumulators()

@@ -8,7 +8,8 @@ Design decisions:
 
 - Hooks: a forward hook records the input and registers a hook on the output tensor for its
   gradient. Unlike full backward hooks this works when an in-place activation follows the layer
-  (the tensor hook sees the gradient of the layer's own output). The forward hooks are
+  (the tensor hook sees the gradient of the layer's own output, once per forward call: a second
+  traversal, such as a zero-bubble schedule's weight-gradient pass, adds nothing). The forward hooks are
   registered only while the next step is a factor-update step (and only on the layers this rank
   records), so other steps pay nothing for them; they record only in training mode with grad
   enabled. A
@@ -177,13 +178,6 @@ class KFACPreconditioner:
 
         sampled = self.options.sampled_fisher
 
-        def grad_hook(grad: torch.Tensor) -> None:
-            if sampled and not self.sampling:  # the training loss's backward: G comes from the sampled pass
-                return
-            start = self.clock()
-            layer.accumulate_grad(grad)
-            self.counters["factor_seconds"] += self.clock() - start
-
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not (module.training and torch.is_grad_enabled() and self.is_local(index)):
                 return
@@ -192,6 +186,19 @@ class KFACPreconditioner:
             start = self.clock()
             layer.accumulate_input(inputs[0])
             self.counters["factor_seconds"] += self.clock() - start
+            recorded = False
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                # one G contribution per forward call: a zero-bubble schedule's separate weight-gradient
+                # pass traverses the output again with the same gradient
+                nonlocal recorded
+                if recorded or (sampled and not self.sampling):  # sampled: G comes from the sampled pass
+                    return
+                recorded = True
+                start = self.clock()
+                layer.accumulate_grad(grad)
+                self.counters["factor_seconds"] += self.clock() - start
+
             output.register_hook(grad_hook)
             if sampled:
                 self._pending[index] = None
