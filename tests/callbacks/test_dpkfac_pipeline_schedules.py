@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import pytest
+
 from lightning_parallel.callbacks import DPKFAC
 from lightning_parallel.strategies import ChimeraStrategy
 from tests.callbacks.test_dpkfac_chimera import OPTIONS, _data, _model, _trainer
@@ -32,6 +34,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow
 def test_zero_bubble_and_accumulation_match_single_device() -> None:
     results = run_distributed(_worker, 2, timeout=150.0)
     for name, (_, _, accumulate) in RUNS.items():
