@@ -5,7 +5,7 @@ Importing the package registers the strategies' short names (``strategy="chimera
 optional dependency (bitsandbytes, matplotlib, zstandard).
 """
 
-from lightning_parallel.callbacks import DPKFAC, MetricsSummary
+from lightning_parallel.callbacks import DPKFAC, MetricsSummary, SparseTraining
 from lightning_parallel.data import DigitsDataModule, SyntheticDataModule, TextDataModule
 from lightning_parallel.models import GPTLanguageModel, MLPClassifier, ResNetClassifier
 from lightning_parallel.plugins import CompressedActivationPrecision, QuantizationPrecision
@@ -24,6 +24,7 @@ __all__ = [  # noqa: RUF022 - plain sorted order
     "MetricsSummary",
     "QuantizationPrecision",
     "ResNetClassifier",
+    "SparseTraining",
     "SyntheticDataModule",
     "TextDataModule",
     "__version__",

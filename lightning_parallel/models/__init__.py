@@ -1,8 +1,19 @@
 """Example LightningModules that implement the pipeline protocol (used by configs, tests and benchmarks)."""
 
 from lightning_parallel.models.base import PipelineClassifier
+from lightning_parallel.models.deq import DEQClassifier
+from lightning_parallel.models.flow import CNFDensityModel
 from lightning_parallel.models.gpt import GPTLanguageModel
 from lightning_parallel.models.mlp import MLPClassifier
+from lightning_parallel.models.ode import ODEClassifier
 from lightning_parallel.models.resnet import ResNetClassifier
 
-__all__ = ["GPTLanguageModel", "MLPClassifier", "PipelineClassifier", "ResNetClassifier"]
+__all__ = [
+    "CNFDensityModel",
+    "DEQClassifier",
+    "GPTLanguageModel",
+    "MLPClassifier",
+    "ODEClassifier",
+    "PipelineClassifier",
+    "ResNetClassifier",
+]

@@ -1,0 +1,73 @@
+"""The discrete adjoint: an autograd function whose backward is the exact adjoint of the forward steps.
+
+The forward integrates without a graph and saves only the checkpoints (``ctx.save_for_backward``, so
+saved-tensor hooks such as the activation compressor see them). The backward walks the segments
+between checkpoints from the last to the first: it replays a segment's accepted steps from its
+checkpoint (no graph), then runs each step's adjoint (:func:`~lightning_parallel.ode.steps.step_vjp`)
+from the segment's end back to its start. Peak memory in backward is the checkpoints plus one
+segment's states plus one step's graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_parallel.kfac import recording
+from lightning_parallel.ode.integrate import Problem, Trajectory, integrate, replay
+from lightning_parallel.ode.steps import step_vjp
+from lightning_parallel.ode.tableaux import TABLEAUX
+
+
+class DiscreteAdjoint(torch.autograd.Function):
+    """``y(t1) = DiscreteAdjoint.apply(problem, checkpoints, out, y0, *params)``; ``out`` (a list) receives the
+    forward trajectory (without its checkpoints) for statistics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, problem: Problem, checkpoints: int, out: list[Trajectory], y0: Tensor, *params: Tensor
+    ) -> Tensor:
+        traj = integrate(problem, y0.detach(), checkpoints=checkpoints)
+        indices = sorted(traj.checkpoints)
+        ctx.problem, ctx.steps, ctx.indices, ctx.n_params = problem, traj.steps, indices, len(params)
+        ctx.save_for_backward(*(traj.checkpoints[i] for i in indices), *params)
+        out.append(Trajectory(final=traj.final, steps=traj.steps, rejected=traj.rejected))
+        return traj.final
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        problem: Problem = ctx.problem
+        saved = ctx.saved_tensors
+        n_ckpt = len(ctx.indices)
+        states, params = saved[:n_ckpt], saved[n_ckpt:]
+        needed = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        where = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        totals: list[Tensor | None] = [None] * len(params)
+        tableau = TABLEAUX.get(problem.method)
+        bounds = [*ctx.indices, len(ctx.steps)]
+        lam = grad
+        with recording.shared_weights():
+            for seg in reversed(range(n_ckpt)):
+                steps = ctx.steps[bounds[seg] : bounds[seg + 1]]
+                ys = replay(problem, states[seg], steps)
+                for n in reversed(range(len(steps))):
+                    t, h = steps[n]
+                    lam, grads = step_vjp(
+                        problem.func,
+                        problem.method,
+                        tableau,
+                        t,
+                        h,
+                        ys[n],
+                        ys[n + 1],
+                        lam,
+                        needed,
+                        problem.newton,
+                    )
+                    for i, g in zip(where, grads):
+                        if g is not None:
+                            totals[i] = g if totals[i] is None else totals[i] + g  # type: ignore[operator]
+                ys.clear()
+        return (None, None, None, lam, *totals)
