@@ -11,12 +11,16 @@ and per-step overhead.
     categorical for the CNN) and ``kfac_empirical`` (the gradients of the training loss).
 (b) ``distributed``: per worker and per step, K-FAC compute (CPU seconds of factor building,
     decomposition and preconditioning), bytes communicated and bytes of curvature state, for
-    ``dp`` and ``replicated`` on the digits ResNet at 2 and 4 gloo workers; once with factors and
+    ``dp`` with each ``placement`` (``owner``, ``all``, ``auto``) and ``replicated`` on the digits ResNet at 2 and 4 gloo workers; once with factors and
     decompositions refreshed every step (the paper's setting), once with 10 / 100.
 (c) ``overhead``: time per training step with K-FAC (factor_update_steps=10,
     inv_update_steps=100) over the plain optimizer's, the two trained side by side and timed step
     by step alternately (wall and CPU time); for the eigen and inverse methods and the empirical and
     sampled Fisher.
+
+(d) ``time_to_target``: seconds and steps to a loss target for SGD, AdamW, Muon, SOAP and K-FAC on
+    the autoencoder, the CNN and a small GPT, every run interleaved in one process (see
+    ``kfac_time_to_target.py``).
 
 The training loops call ``KFACPreconditioner.step`` directly, which is what the ``DPKFAC``
 callback does in ``on_before_optimizer_step``.
@@ -246,12 +250,14 @@ def _distributed_worker(
     x, y = digits()
     batch = 32
     try:
-        for index, (size, assignment, fus, ius, steps) in enumerate(configs):
+        for index, (size, assignment, placement, fus, ius, steps) in enumerate(configs):
             if rank < size:
                 group = groups[size]
                 model = _resnet()
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-                options = KFACOptions(assignment=assignment, factor_update_steps=fus, inv_update_steps=ius)
+                options = KFACOptions(
+                    assignment=assignment, placement=placement, factor_update_steps=fus, inv_update_steps=ius
+                )
                 kfac = KFACPreconditioner(model, options, group=group)
                 kfac.clock = time.process_time  # CPU time: robust to oversubscribed cores
                 before: dict[str, float] = {}
@@ -276,6 +282,8 @@ def _distributed_worker(
                         (after["kfac_seconds"] - before["kfac_seconds"]) / steps,
                         (after["bytes_communicated"] - before["bytes_communicated"]) / steps,
                         after["curvature_bytes"],
+                        kfac.placement,
+                        kfac.costs_by_placement,
                     )
                 )
                 kfac.remove_hooks()
@@ -285,7 +293,7 @@ def _distributed_worker(
 
 
 def run_pool(configs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Runs the configurations ``(world_size, assignment, fus, ius, steps)`` in one pool of processes."""
+    """Runs the configurations ``(world_size, assignment, placement, fus, ius, steps)`` in one pool of processes."""
     import socket
 
     with socket.socket() as sock:
@@ -307,19 +315,25 @@ def run_pool(configs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 def distributed(quick: bool) -> list[dict[str, Any]]:
     settings = [(1, 1, 4 if quick else 10), (10, 100, 20 if quick else 100)]
+    # dp with each placement (auto: the cost model's choice), and replicated
+    placements = [("dp", "owner"), ("dp", "all"), ("dp", "auto"), ("replicated", "auto")]
     configs = [
-        (size, assignment, fus, ius, steps)
+        (size, assignment, placement, fus, ius, steps)
         for size in (2, 4)
         for fus, ius, steps in settings
-        for assignment in ("dp", "replicated")
+        for assignment, placement in placements
     ]
     results = run_pool(configs)
     rows = []
-    for index, (size, assignment, fus, ius, steps) in enumerate(configs):
+    for index, (size, assignment, placement, fus, ius, steps) in enumerate(configs):
         res = [r[1:] for r in results if r[0] == index]
+        resolved = res[0][4]
+        model = res[0][5][resolved if assignment == "dp" else "replicated"]
         row = {
             "world_size": size,
             "assignment": assignment,
+            # where the decomposition is used: the option as given, and what "auto" resolved to
+            "placement": placement if placement != "auto" else f"auto:{resolved}",
             "kfac_seconds_per_worker": statistics.mean(r[1] for r in res),
             "bytes_communicated_per_worker": statistics.mean(r[2] for r in res),
             "curvature_bytes_per_worker": statistics.mean(r[3] for r in res),
@@ -328,6 +342,8 @@ def distributed(quick: bool) -> list[dict[str, Any]]:
             "steps": steps,
             "kfac_seconds_max_worker": max(r[1] for r in res),
             "curvature_bytes_max_worker": max(r[3] for r in res),
+            "model_bytes_per_step": model["bytes_per_step"],
+            "model_curvature_bytes_max_worker": model["curvature_bytes"],
         }
         rows.append(row)
     return rows
@@ -428,16 +444,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
-        "--parts", default="convergence,distributed,overhead", help="comma-separated parts to run"
+        "--parts",
+        default="convergence,distributed,overhead,time_to_target",
+        help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     parts = args.parts.split(",")
     out: dict[str, Any] = {"load_average": os.getloadavg()[0], "quick": args.quick}
+    from kfac_time_to_target import time_to_target
+
     funcs: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
         "convergence": convergence,
         "distributed": distributed,
         "overhead": overhead,
+        "time_to_target": time_to_target,
     }
     for part in parts:
         print(f"[{part}]", flush=True)
@@ -456,11 +477,15 @@ def print_tables(out: dict[str, Any]) -> None:
         )
     for row in out.get("distributed", []):
         print(
-            f"distributed P={row['world_size']} {row['assignment']:10s}"
+            f"distributed P={row['world_size']} {row['assignment']:10s} {row['placement']:10s}"
             f" fus/ius={row['factor_update_steps']}/{row['inv_update_steps']}"
             f" kfac_s={row['kfac_seconds_per_worker']:.4f} bytes={row['bytes_communicated_per_worker']:.0f}"
             f" curvature={row['curvature_bytes_per_worker']:.0f}"
         )
+    if out.get("time_to_target"):
+        from kfac_time_to_target import print_rows
+
+        print_rows(out["time_to_target"])
     for row in out.get("overhead", []):
         print(
             f"overhead {row['task']:12s} {row['method']:8s} {row['fisher']:12s}"

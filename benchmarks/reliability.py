@@ -31,51 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE"}
-CONFIG = """\
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 2
-  strategy: ddp
-  max_steps: 400
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  enable_checkpointing: false
-  limit_val_batches: 0
-  num_sanity_val_steps: 0
-  default_root_dir: {root}
-  callbacks:
-    - class_path: tests.helpers.callbacks.StepMarker
-      init_args: {{directory: {marks}, sleep_s: 0.3}}
-    - class_path: lightning_parallel.callbacks.DPKFAC
-      init_args: {{fisher: categorical, factor_update_steps: 1, inv_update_steps: 5}}
-model:
-  class_path: lightning_parallel.models.MLPClassifier
-  init_args: {{in_features: 16, hidden: [32], num_classes: 4, lr: 0.01, optimizer: adam}}
-data:
-  class_path: lightning_parallel.data.SyntheticDataModule
-  init_args: {{shape: [16], num_classes: 4, num_samples: 512, batch_size: 16}}
-"""
+sys.path.insert(0, str(ROOT))
+from tests.helpers.processes import DDP_KFAC_CONFIG, clean_env, gone  # noqa: E402
+
 CASES = ("sigterm-rank0", "sigterm-all", "slurm-all", "kill9-rank1")
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLUSTER and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra or {}))
-    return env
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1][:1] == "Z"
-    except OSError:
-        return True
 
 
 def _step(marks: Path, rank: int) -> int:
@@ -87,7 +46,7 @@ def _step(marks: Path, rank: int) -> int:
 def trial(case: str, tmp: Path) -> dict[str, object]:
     marks, root = tmp / "marks", tmp / "root"
     config = tmp / "run.yaml"
-    config.write_text(CONFIG.format(root=root, marks=marks))
+    config.write_text(DDP_KFAC_CONFIG.format(max_steps=400, root=root, marks=marks, sleep_s=0.3))
     args = [sys.executable, "-m", "lightning_parallel.cli", "fit", "--config", str(config)]
     if case == "slurm-all":
         port = 20000 + os.getpid() % 20000
@@ -99,10 +58,10 @@ def trial(case: str, tmp: Path) -> dict[str, object]:
                 "SLURM_JOB_NAME": "reliability", "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
             }
-            procs.append(subprocess.Popen(args, cwd=tmp, env=_env(slurm), stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen(args, cwd=tmp, env=clean_env(slurm), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
     else:
-        procs = [subprocess.Popen(args, cwd=tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        procs = [subprocess.Popen(args, cwd=tmp, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, start_new_session=True)]
     try:
         deadline = time.monotonic() + 240
@@ -115,7 +74,7 @@ def trial(case: str, tmp: Path) -> dict[str, object]:
         sent = time.monotonic()
         for pid in targets:
             os.kill(pid, signal.SIGKILL if case == "kill9-rank1" else signal.SIGTERM)
-        while not all(_gone(p) for p in pids) and time.monotonic() - sent < 120:
+        while not all(gone(p) for p in pids) and time.monotonic() - sent < 120:
             for p in procs:
                 p.poll()
             time.sleep(0.05)

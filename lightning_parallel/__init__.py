@@ -16,11 +16,12 @@ from lightning_parallel.models import (
     ResNetClassifier,
 )
 from lightning_parallel.plugins import CompressedActivationPrecision, QuantizationPrecision
-from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
+from lightning_parallel.strategies import AuxNetStrategy, ChimeraStrategy, InterlockingBackpropStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: RUF022 - plain sorted order
+    "AuxNetStrategy",
     "CNFDensityModel",
     "ChimeraStrategy",
     "CompressedActivationPrecision",

@@ -41,7 +41,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
+from lightning_parallel.kfac import (
+    Hyperparameter,
+    KFACOptions,
+    KFACPreconditioner,
+    PipelineKFACPreconditioner,
+)
 from lightning_parallel.kfac.options import Fisher
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy
@@ -54,50 +59,30 @@ class DPKFAC(Callback):
     ``[first_step, value]`` pairs (piecewise constant over optimizer steps).
 
     Args:
-        damping: Tikhonov damping ``lambda`` (> 0); the factors get ``pi sqrt(lambda)`` and
-            ``sqrt(lambda) / pi``. Default 0.001.
-        factor_decay: Weight of the old running average of the factors, in ``[0, 1)``. Default 0.95.
-        kl_clip: KL-clip bound (> 0) on ``lr^2 <preconditioned, gradient>``, or ``None`` for no
-            clipping. Default 0.001.
-        factor_update_steps: Optimizer steps between factor updates (>= 1). Default 1.
-        inv_update_steps: Optimizer steps between decompositions (>= 1). Default 10.
-        assignment: ``"dp"`` (DP-KFAC: one owner rank per layer builds, decomposes and
-            preconditions, then broadcasts the preconditioned gradient) or ``"replicated"``
-            (D-KFAC: factors all-reduced, every rank preconditions every layer). Default ``"dp"``.
-        method: ``"eigen"`` or ``"inverse"``. Default ``"eigen"``.
-        factored_damping: Split the damping between the factors by
-            ``pi = sqrt((tr A / dim A) / (tr G / dim G))``. Default ``True``.
-        skip_layers: Regular expressions; layers whose qualified name or class name matches one
-            are left to the optimizer. Default none.
-        fisher: Where ``G`` comes from. ``"empirical"`` (default): the gradients of the training
-            loss, for any loss. ``"gaussian"`` (regression) or ``"categorical"`` (logits, classes
-            along the last dimension): the true Fisher, from an extra backward pass on factor-update
-            steps of the negative log-likelihood of targets sampled from the model's prediction
-            (``output + N(0, I)``, or ``softmax(output)``). A callable ``output -> loss`` samples its
-            own targets and returns the loss summed over the examples. Not under pipeline strategies.
-        fisher_output: Qualified name of the module whose output is the prediction, for a sampled
-            ``fisher``; ``None`` (default): the last ``nn.Linear``/``nn.Conv2d`` preconditioned.
-        fisher_seed: Seed of the sampled Fisher's random generator (plus the rank). Default 0.
+        {kfac_options}
         log_every_n_steps: Steps between logging the per-rank counters; ``None`` uses the
             Trainer's ``log_every_n_steps``; 0 turns logging off.
 
     Raises:
-        ValueError: On non-positive damping or KL-clip, update intervals below 1, an unknown
-            assignment, method or ``fisher``, a bad schedule, or (at setup) a model with no supported
+        ValueError: On an option :class:`~lightning_parallel.kfac.KFACOptions` refuses (it validates
+            them all), a negative ``log_every_n_steps``, or (at setup) a model with no supported
             layer, a ``fisher_output`` naming no module, or a sampled ``fisher`` under ChimeraStrategy.
+        TypeError: On a hyperparameter of the wrong type (see ``KFACOptions``).
     """
 
     def __init__(
         self,
-        damping: Schedule = 0.001,
+        damping: Hyperparameter = 0.001,
         *,
-        factor_decay: Schedule = 0.95,
-        kl_clip: Schedule | None = 0.001,
-        factor_update_steps: Schedule = 1,
-        inv_update_steps: Schedule = 10,
+        factor_decay: Hyperparameter = 0.95,
+        kl_clip: Hyperparameter | None = 0.001,
+        factor_update_steps: Hyperparameter = 1,
+        inv_update_steps: Hyperparameter = 10,
         assignment: Literal["dp", "replicated"] = "dp",
+        placement: Literal["auto", "owner", "all"] = "auto",
         method: Literal["eigen", "inverse"] = "eigen",
         factored_damping: bool = True,
+        factor_subsample: int = 1,
         skip_layers: Sequence[str] = (),
         fisher: Fisher = "empirical",
         fisher_output: str | None = None,
@@ -111,8 +96,10 @@ class DPKFAC(Callback):
             factor_update_steps=factor_update_steps,
             inv_update_steps=inv_update_steps,
             assignment=assignment,
+            placement=placement,
             method=method,
             factored_damping=factored_damping,
+            factor_subsample=factor_subsample,
             skip_layers=tuple(skip_layers),
             fisher=fisher,
             fisher_output=fisher_output,
@@ -159,6 +146,7 @@ class DPKFAC(Callback):
         groups = strategy.pipeline_groups
         assert groups is not None
         held = strategy.held_stage_modules
+        module = strategy.lightning_module
         two_copies = any(replica > 0 for replica, _ in held)
         preconditioner = PipelineKFACPreconditioner(
             held,
@@ -166,6 +154,7 @@ class DPKFAC(Callback):
             pipeline_group=groups.pipeline_group,
             pair_group=groups.pair_group if two_copies else None,
             data_parallel_group=groups.data_parallel_group,
+            accumulate_grad_batches=int(module.trainer.accumulate_grad_batches) if module is not None else 1,
         )
         self._build(preconditioner, self._previous)
         self._previous = None
@@ -253,6 +242,10 @@ class DPKFAC(Callback):
         if rngs is None or len(rngs) != comm.world_size or generator is None or rngs[comm.rank] is None:
             return
         generator.set_state(rngs[comm.rank])
+
+
+# the options are documented once, in KFACOptions; the signature above repeats them for LightningCLI
+DPKFAC.__doc__ = (DPKFAC.__doc__ or "").replace("{kfac_options}", KFACOptions.args_doc(indent=8))
 
 
 def check_strategy(strategy: Any, world_size: int) -> None:

@@ -112,6 +112,27 @@ def split_trunk(
     Returns:
         The blocks of each stage and the ``S - 1`` auxiliary heads.
     """
+    stage_blocks, samples = cut_trunk(module, stages, sample_batch, partition=partition)
+    return stage_blocks, build_aux_heads(module, samples[:-1], samples[-1])
+
+
+def cut_trunk(
+    module: Any, stages: int, sample_batch: Any, *, partition: str | Sequence[int] | None = None
+) -> tuple[list[nn.Sequential], list[torch.Tensor]]:
+    """Cut a pipeline-protocol module's blocks into stages and run one sample through them.
+
+    The stages share their parameters with ``module``. The sample runs in eval mode without autograd (the
+    modules' modes are restored), so it changes no state.
+
+    Args:
+        module: a module implementing the pipeline protocol.
+        stages: the number of stages ``S``.
+        sample_batch: a (micro-)batch used to infer the stage outputs.
+        partition: blocks per stage, as for :func:`split_trunk`.
+
+    Returns:
+        The blocks of each stage and each stage's output on the sample.
+    """
     blocks = list(module.pipeline_blocks())
     if partition is None:
         sizes = outer_first_partition(len(blocks), stages)
@@ -137,4 +158,4 @@ def split_trunk(
         if isinstance(module, nn.Module):
             for sub, mode in zip(module.modules(), modes):
                 sub.training = mode
-    return stage_blocks, build_aux_heads(module, samples[:-1], samples[-1])
+    return stage_blocks, samples

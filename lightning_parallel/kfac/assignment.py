@@ -78,3 +78,72 @@ def round_robin_owners(num_layers: int, world_size: int) -> list[int]:
     if world_size < 1:
         raise ValueError(f"`world_size={world_size}` must be at least 1.")
     return [i % world_size for i in range(num_layers)]
+
+
+def placement_costs(
+    dims: Sequence[tuple[int, int]],
+    owners: Sequence[int],
+    *,
+    method: str,
+    factor_update_steps: int,
+    inv_update_steps: int,
+    element_size: int = 4,
+) -> dict[str, dict[str, float]]:
+    """Bytes communicated per step and curvature bytes held, per worker, of each placement.
+
+    The byte counts are the payloads of the collectives a worker takes part in, as
+    ``Communicator.bytes_communicated`` counts them (small metadata entries included):
+
+    - ``"owner"`` (``dp``): one broadcast per owner rank of its layers' preconditioned gradients,
+      ``out * in + 2`` entries per layer, every step.
+    - ``"all"`` (``dp``): one broadcast per owner rank of its layers' decompositions every
+      ``inv_update_steps`` (eigen ``in^2 + in + out^2 + out``; inverse the two upper triangles),
+      plus two entries per layer (set, ``pi``).
+    - ``"replicated"``: one all-reduce of the batch factors' upper triangles every
+      ``factor_update_steps``, plus one entry per layer.
+
+    Memory: ``"owner"`` the worker's own layers' factors and decompositions (the largest worker);
+    ``"all"`` its own factors plus every layer's decomposition; ``"replicated"`` everything. The eigen
+    method also caches the damped inverses once a decomposition is reused.
+
+    Args:
+        dims: ``(in_dim, out_dim)`` of every layer.
+        owners: The owner rank of every layer.
+        method: ``"eigen"`` or ``"inverse"``.
+        factor_update_steps: Steps between factor updates.
+        inv_update_steps: Steps between decompositions.
+        element_size: Bytes per entry (4 for float32).
+
+    Returns:
+        ``{placement: {"bytes_per_step": ..., "curvature_bytes": ...}}`` for ``"owner"``, ``"all"``
+        and ``"replicated"``.
+    """
+
+    def triu(n: int) -> int:
+        return n * (n + 1) // 2
+
+    factors = [i * i + o * o for i, o in dims]
+    if method == "eigen":
+        decomposition = [i * i + i + o * o + o for i, o in dims]
+        held = [d + i * i + o * o for d, (i, o) in zip(decomposition, dims)]  # plus the cached inverses
+    else:
+        decomposition = [triu(i) + triu(o) for i, o in dims]
+        held = [i * i + o * o for i, o in dims]
+    workers = max(owners, default=0) + 1
+    own = [sum(f + h for f, h, r in zip(factors, held, owners) if r == w) for w in range(workers)]
+    own_factors = [sum(f for f, r in zip(factors, owners) if r == w) for w in range(workers)]
+    size = float(element_size)
+    return {
+        "owner": {
+            "bytes_per_step": size * sum(o * i + 2 for i, o in dims),
+            "curvature_bytes": size * max(own, default=0),
+        },
+        "all": {
+            "bytes_per_step": size * sum(d + 2 for d in decomposition) / inv_update_steps,
+            "curvature_bytes": size * (max(own_factors, default=0) + sum(held)),
+        },
+        "replicated": {
+            "bytes_per_step": size * sum(triu(i) + triu(o) + 1 for i, o in dims) / factor_update_steps,
+            "curvature_bytes": size * sum(f + h for f, h in zip(factors, held)),
+        },
+    }

@@ -68,11 +68,3 @@ def or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:
     if update is not None:
         return update
     return torch.zeros(layer.out_dim, layer.in_dim, dtype=layer.weight.dtype, device=layer.weight.device)
-
-
-def from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """The symmetric ``(dim, dim)`` matrix whose upper triangle (row-major) is ``packed``."""
-    i, j = torch.triu_indices(dim, dim, device=packed.device)
-    mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
-    mat[i, j] = packed
-    return mat + mat.triu(1).t()

@@ -212,3 +212,11 @@ def layer_dims(module: nn.Module | LinearTarget) -> tuple[int, int]:
     """
     target = as_target(module)
     return target.in_features + (1 if target.bias is not None else 0), target.out_features
+
+
+def from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric ``(dim, dim)`` matrix whose upper triangle (row-major) is ``packed``."""
+    i, j = torch.triu_indices(dim, dim, device=packed.device)
+    mat = torch.zeros(dim, dim, dtype=packed.dtype, device=packed.device)
+    mat[i, j] = packed
+    return mat + mat.triu(1).t()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_parallel.kfac import recording
-from lightning_parallel.kfac.factors import as_target, input_gram, layer_dims, output_grad_gram
+from lightning_parallel.kfac.factors import as_target, from_triu, input_gram, layer_dims, output_grad_gram
 from lightning_parallel.layers.registry import LinearTarget
 
 Method = Literal["eigen", "inverse"]
@@ -36,13 +36,16 @@ class KFACLayer:
     Args:
         name: The layer's qualified name in the model.
         module: The layer's target (an ``nn.Linear`` or ``nn.Conv2d`` module stands for its own target).
+        subsample: Build the factors from every ``subsample``-th example of each forward call
+            (``G`` rescaled to the whole batch); 1 uses every example.
     """
 
-    def __init__(self, name: str, module: nn.Module | LinearTarget) -> None:
+    def __init__(self, name: str, module: nn.Module | LinearTarget, subsample: int = 1) -> None:
         self.name = name
         self.target = as_target(module)
         self.module = self.target.module  # the module whose forward applies the weight
         self.weight = self.target.weight
+        self.subsample = subsample  # factor statistics from every subsample-th example
         self.in_dim, self.out_dim = layer_dims(self.target)
         self.dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.reset_accumulators()
@@ -70,7 +73,8 @@ class KFACLayer:
         """Forgets the hook data of the current step."""
         self.a_sum: torch.Tensor | None = None
         self.a_rows = 0
-        self.examples = 0
+        self.examples = 0  # examples of the step's forward calls
+        self.examples_used = 0  # of which the factor statistics saw
         self._examples_scope: object | None = None  # the shared-weights scope whose examples are counted
         self.g_sum: torch.Tensor | None = None
 
@@ -80,12 +84,14 @@ class KFACLayer:
         Args:
             x: The layer's input tensor.
         """
-        contribution, rows = input_gram(self.target, x.to(self.dtype))
+        used = x[:: self.subsample] if self.subsample > 1 else x
+        contribution, rows = input_gram(self.target, used.to(self.dtype))
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
         self.a_rows += rows
         scope = recording.current_scope()
         if scope is None or scope is not self._examples_scope:  # repeated calls in a scope: examples once
             self.examples += x.shape[0]
+            self.examples_used += used.shape[0]
             self._examples_scope = scope
 
     def accumulate_grad(self, grad: torch.Tensor) -> None:
@@ -94,7 +100,8 @@ class KFACLayer:
         Args:
             grad: The gradient of the layer's output.
         """
-        contribution = output_grad_gram(self.target, grad.to(self.dtype))
+        used = grad[:: self.subsample] if self.subsample > 1 else grad
+        contribution = output_grad_gram(self.target, used.to(self.dtype))
         self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
 
     def batch_factors(
@@ -120,9 +127,10 @@ class KFACLayer:
         # factor-sized result would cost a new allocation (page faults) per layer
         a_new = self.a_sum.div_(self.a_rows)
         if per_example:
-            g_new = self.g_sum.div_(self.examples)
-        else:
-            g_new = self.g_sum.mul_(self.examples / (grad_scale * grad_scale))
+            g_new = self.g_sum.div_(self.examples_used)
+        else:  # n * sum over all n examples, estimated from the ones used: n * (n / used) * their sum
+            scale = self.examples * (self.examples / self.examples_used)
+            g_new = self.g_sum.mul_(scale / (grad_scale * grad_scale))
         return a_new, g_new
 
     # ------------------------------------------------------------------ factors
@@ -214,6 +222,65 @@ class KFACLayer:
             a_inv, g_inv = d["a_inv"], d["g_inv"]
         out = g_inv @ m @ a_inv
         return out if out.dtype == mat.dtype else out.to(mat.dtype)
+
+    def decomposition_tensors(self, method: Method) -> list[torch.Tensor]:
+        """The decomposition as the flat pieces an owner broadcasts (zeros when there is none), each
+        once: eigen ``qa, da, qg, dg``; inverse the upper triangles of ``a_inv, g_inv`` (symmetric).
+
+        Args:
+            method: The decomposition method.
+
+        Returns:
+            1-D tensors in the layer's dtype, of sizes fixed by the layer's dimensions.
+        """
+        d = self.decomposition
+        i, o = self.in_dim, self.out_dim
+        zeros = not d
+        if method == "eigen":
+            shapes = [(i, i), (i,), (o, o), (o,)]
+            keys = ["qa", "da", "qg", "dg"]
+            return [
+                torch.zeros(shape, dtype=self.dtype, device=self.device).reshape(-1)
+                if zeros
+                else d[key].reshape(-1)
+                for key, shape in zip(keys, shapes)
+            ]
+        out = []
+        for key, dim in (("a_inv", i), ("g_inv", o)):
+            rows, cols = torch.triu_indices(dim, dim, device=self.device)
+            out.append(
+                torch.zeros(rows.numel(), dtype=self.dtype, device=self.device) if zeros else d[key][rows, cols]
+            )
+        return out
+
+    def set_decomposition(self, method: Method, pieces: list[torch.Tensor], pi: float) -> None:
+        """Installs a decomposition from :meth:`decomposition_tensors`'s pieces (a broadcast's).
+
+        Args:
+            method: The decomposition method.
+            pieces: The flat pieces.
+            pi: The factored-damping ratio they were computed with.
+        """
+        i, o = self.in_dim, self.out_dim
+        if method == "eigen":
+            qa, da, qg, dg = pieces
+            self.decomposition = {
+                "qa": qa.reshape(i, i).clone(),
+                "da": da.clone(),
+                "qg": qg.reshape(o, o).clone(),
+                "dg": dg.clone(),
+            }
+        else:
+            self.decomposition = {"a_inv": from_triu(pieces[0], i), "g_inv": from_triu(pieces[1], o)}
+        self.pi = pi
+        self._inverses = None
+        self._reused = False
+
+    def drop_factors(self) -> None:
+        """Frees the running factors and hook data but keeps the decomposition (a non-owner that
+        preconditions with the owner's decomposition)."""
+        self.reset_accumulators()
+        self.a_factor = self.g_factor = None
 
     # ------------------------------------------------------------------ bookkeeping
     def curvature_bytes(self) -> int:

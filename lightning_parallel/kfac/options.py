@@ -9,10 +9,12 @@ from typing import Literal
 
 import torch
 
-from lightning_parallel.kfac.schedule import Schedule, check_schedule, resolve
+from lightning_parallel.kfac.hyperparams import Hyperparameter, check_schedule, resolve
 
 Assignment = Literal["dp", "replicated"]
 ASSIGNMENTS = ("dp", "replicated")
+Placement = Literal["auto", "owner", "all"]
+PLACEMENTS = ("auto", "owner", "all")
 METHODS = ("eigen", "inverse")
 FISHERS = ("empirical", "gaussian", "categorical")
 # "empirical", "gaussian", "categorical", or ``output -> loss`` on targets sampled from the model
@@ -21,21 +23,34 @@ Fisher = str | Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class KFACOptions:
-    """Hyperparameters of K-FAC; each numeric one may be a schedule (see ``schedule.py``).
+    """Hyperparameters of K-FAC; each numeric one may be a schedule (see ``hyperparams.py``).
 
     Args:
         damping: Tikhonov damping ``lambda`` (> 0); the factors get ``pi sqrt(lambda)`` and
             ``sqrt(lambda) / pi``. Default 0.001.
         factor_decay: Weight of the old running average of the factors, in ``[0, 1)``. Default 0.95.
-        kl_clip: KL-clip bound (> 0), or ``None`` to not clip. Default 0.001.
+        kl_clip: KL-clip bound (> 0) on ``lr^2 <preconditioned, gradient>``, or ``None`` for no
+            clipping. Default 0.001.
         factor_update_steps: Optimizer steps between factor updates (integer >= 1). Default 1.
         inv_update_steps: Optimizer steps between decompositions (integer >= 1). Default 10.
-        assignment: ``"dp"`` (each layer has one owner rank, which broadcasts the preconditioned
-            gradient) or ``"replicated"`` (factors all-reduced, every rank preconditions every layer).
-        method: ``"eigen"`` (eigendecomposition) or ``"inverse"`` (damped inverses).
-        factored_damping: Split the damping between the factors by ``pi`` (``pi = 1`` if off).
+        assignment: ``"dp"`` (DP-KFAC: each layer has one owner rank, which alone records, builds
+            and decomposes its factors; no factor communication) or ``"replicated"`` (D-KFAC: factors
+            all-reduced, every rank decomposes and preconditions every layer). Default ``"dp"``.
+        placement: Where a ``dp`` layer's decomposition is used. ``"owner"``: the owner preconditions
+            and broadcasts the preconditioned gradient on every step (least memory). ``"all"``: the
+            owner broadcasts the decomposition each time it changes (every ``inv_update_steps``) and
+            every rank preconditions every layer locally, with no per-step traffic (every rank holds
+            every decomposition). ``"auto"`` (default): the one with fewer bytes per step for the
+            intervals at the first step, by the cost model of ``assignment.placement_costs``; the
+            choice is logged. Under ``"replicated"`` every rank preconditions: ``"auto"`` or ``"all"``.
+        method: ``"eigen"`` (eigendecomposition) or ``"inverse"`` (damped inverses). Default ``"eigen"``.
+        factored_damping: Split the damping between the factors by
+            ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (``pi = 1`` if off). Default ``True``.
+        factor_subsample: Build the factor statistics from every ``factor_subsample``-th example of
+            each forward call (the rows of the others are not touched; ``G`` is rescaled to the whole
+            batch). 1 (default) uses every example; 2-4 make factor steps cheaper on large batches.
         skip_layers: Regular expressions; a layer whose qualified name or class name matches one
-            (``re.search``) is left to the optimizer.
+            (``re.search``) is left to the optimizer. Default none.
         fisher: Where ``G`` comes from. ``"empirical"``: the gradients of the training loss.
             ``"gaussian"`` / ``"categorical"`` (the true Fisher, sampled): on factor-update steps an
             extra backward pass of the negative log-likelihood of targets sampled from the model's
@@ -43,20 +58,29 @@ class KFACOptions:
             ``0.5 * ||output - y||^2``) or ``softmax(output)`` over the last dimension
             (classification). A callable ``output -> loss`` samples its own targets and returns the
             negative log-likelihood summed over the examples (``reduction="sum"``), so that its
-            gradient is each example's own.
+            gradient is each example's own. Default ``"empirical"``; a sampled one is not supported
+            under pipeline strategies.
         fisher_output: Qualified name of the module whose output is the model's prediction (used
-            by the sampled Fisher); ``None``: the last preconditioned layer.
-        fisher_seed: Seed of the sampled Fisher's random generator (offset by the rank).
+            by the sampled Fisher); ``None`` (default): the last preconditioned layer.
+        fisher_seed: Seed of the sampled Fisher's random generator (offset by the rank). Default 0.
+
+    Raises:
+        ValueError: On non-positive damping or KL-clip, update intervals below 1, a ``factor_decay``
+            outside ``[0, 1)``, an unknown assignment, placement, method or ``fisher``, a bad
+            schedule or ``skip_layers`` pattern, or ``placement="owner"`` with ``"replicated"``.
+        TypeError: On a hyperparameter that is neither a number, a callable nor a list of pairs.
     """
 
-    damping: Schedule = 0.001
-    factor_decay: Schedule = 0.95
-    kl_clip: Schedule | None = 0.001
-    factor_update_steps: Schedule = 1
-    inv_update_steps: Schedule = 10
+    damping: Hyperparameter = 0.001
+    factor_decay: Hyperparameter = 0.95
+    kl_clip: Hyperparameter | None = 0.001
+    factor_update_steps: Hyperparameter = 1
+    inv_update_steps: Hyperparameter = 10
     assignment: Assignment = "dp"
+    placement: Placement = "auto"
     method: Literal["eigen", "inverse"] = "eigen"
     factored_damping: bool = True
+    factor_subsample: int = 1
     skip_layers: Sequence[str] = field(default_factory=tuple)
     fisher: Fisher = "empirical"
     fisher_output: str | None = None
@@ -73,6 +97,23 @@ class KFACOptions:
             raise ValueError(
                 f"`assignment={self.assignment!r}` is unknown; use 'dp' (one owner per layer, broadcast of the"
                 " preconditioned gradient) or 'replicated' (factors all-reduced, every rank preconditions every layer)."
+            )
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"`placement={self.placement!r}` is unknown; use 'owner' (the owner broadcasts the preconditioned"
+                " gradient every step), 'all' (the owner broadcasts the decomposition when it changes, every rank"
+                " preconditions) or 'auto' (the cheaper of the two in bytes per step)."
+            )
+        if self.placement == "owner" and self.assignment == "replicated":
+            raise ValueError(
+                "`placement='owner'` with `assignment='replicated'`: replicated K-FAC preconditions every layer on"
+                " every rank; use placement='auto' (or 'all'), or assignment='dp' for owner placement."
+            )
+        if isinstance(self.factor_subsample, bool) or not isinstance(self.factor_subsample, int):
+            raise TypeError(f"`factor_subsample={self.factor_subsample!r}` must be an integer >= 1, for example 2.")
+        if self.factor_subsample < 1:
+            raise ValueError(
+                f"`factor_subsample={self.factor_subsample}` must be >= 1 (1 uses every example, 2 every second)."
             )
         if self.method not in METHODS:
             raise ValueError(f"`method={self.method!r}` is unknown; use 'eigen' or 'inverse'.")
@@ -106,6 +147,23 @@ class KFACOptions:
         if name in ("factor_update_steps", "inv_update_steps") and (value < 1 or value != int(value)):
             raise ValueError(f"`{name}={value}` must be an integer >= 1 (1 updates every optimizer step).")
 
+    @staticmethod
+    def args_doc(indent: int) -> str:
+        """The ``Args:`` entries of this class's docstring, re-indented: the one documentation of the
+        options, which the ``DPKFAC`` callback's docstring embeds.
+
+        Args:
+            indent: Spaces before each entry's name.
+
+        Returns:
+            The entries, one option per entry, without the ``Args:`` header.
+        """
+        doc = KFACOptions.__doc__ or ""
+        body = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
+        lines = body.splitlines()
+        strip = len(lines[0]) - len(lines[0].lstrip())
+        return "\n".join(" " * indent + line[strip:] if line.strip() else "" for line in lines).lstrip()
+
     @property
     def sampled_fisher(self) -> bool:
         """Whether ``G`` comes from a backward pass on sampled targets (not the training loss)."""
@@ -133,7 +191,7 @@ class KFACOptions:
         Returns:
             The value.
         """
-        schedule: Schedule | Callable[[int], float] = getattr(self, name)
+        schedule: Hyperparameter | Callable[[int], float] = getattr(self, name)
         value = resolve(schedule, step)
         self._check_value(name, value)
         return value

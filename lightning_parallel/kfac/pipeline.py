@@ -20,13 +20,19 @@ Design decisions:
   group with the ``replicated`` machinery of :class:`KFACPreconditioner` (the gradients are
   averaged there too). ``assignment="dp"`` is only meaningful within that group; with more than one
   pipeline replica it is refused, since the two holders of a stage need the same layers locally.
+- Gradient accumulation: the runtime scales the gradients by ``1 / accumulate_grad_batches``
+  after backward (not the loss), so the recorded output gradients are that many times too large;
+  the factor is divided out of ``G`` like an AMP loss scale.
 - KL-clip: ``sum lr^2 <v, g>`` is taken over the replica-0 copies (each stage once) and summed over
   the pipeline, so every rank uses the single-device clip factor.
 - Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective).
+- A rank whose stages hold no supported layer warns once and keeps taking part in every
+  collective (KL-clip sum, checkpoint gather), so the other ranks never wait for it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -48,10 +54,12 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             when every stage has one holder.
         data_parallel_group: The ranks holding the same stages in the other pipeline replicas
             (``None`` or a group of one rank: a single pipeline).
+        accumulate_grad_batches: Batches per optimizer step. The pipeline runtime backpropagates
+            each batch's unscaled loss and divides the gradients by this number afterwards, so the
+            recorded output gradients carry it too: it is divided out of ``G``. Default 1.
 
     Raises:
-        ValueError: If no held copy has a supported layer, ``assignment="dp"`` with several
-            pipeline replicas, or a sampled ``fisher``.
+        ValueError: If ``assignment="dp"`` with several pipeline replicas, or a sampled ``fisher``.
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         pipeline_group: Any = None,
         pair_group: Any = None,
         data_parallel_group: Any = None,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         options = options if options is not None else KFACOptions()
         options.check_pipeline("a pipeline strategy")
@@ -74,16 +83,34 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
                 f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
                 " strategy; use assignment='replicated' (or one pipeline replica)."
             )
-        super().__init__(_nested(stage_modules), options, group=data_parallel_group if dp_size > 1 else None)
+        nested = _nested(stage_modules)
+        super().__init__(nested, options, group=data_parallel_group if dp_size > 1 else None, allow_empty=True)
+        if not self.layers:
+            warnings.warn(
+                f"K-FAC: the stages this rank holds ({sorted(stage_modules)} as (replica, stage)) have no nn.Linear or"
+                " nn.Conv2d layer to precondition; the rank only takes part in K-FAC's collectives.",
+                stacklevel=2,
+            )
         if dp_size == 1:  # one pipeline: every exchange is explicit below, the base class stays local
             self.comm.distributed, self.comm.world_size, self.comm.rank = False, 1, 0
             self.owners = [0] * len(self.layers)
+            self.placement = "all"
+        self.accumulate_grad_batches = max(1, int(accumulate_grad_batches))
         self.pipeline_group = pipeline_group if distributed else None
         self.pair_group = pair_group if distributed else None
         # the pair exchange order: by stage, then layer name, identical on both holders
         self._pair_order = sorted(range(len(self.layers)), key=lambda i: _stage_key(self.layers[i].name))
 
     # ------------------------------------------------------------------ factors
+    def step(self, optimizer: torch.optim.Optimizer | None = None, grad_scale: float = 1.0) -> None:
+        """As :meth:`KFACPreconditioner.step`; the gradient accumulation's scale is divided out of ``G``.
+
+        Args:
+            optimizer: The optimizer about to step.
+            grad_scale: The AMP loss scale of the recorded output gradients.
+        """
+        super().step(optimizer, grad_scale * self.accumulate_grad_batches)
+
     def _update_factors(self, step: int, grad_scale: float) -> None:
         if self.pair_group is not None and dist.get_world_size(self.pair_group) > 1:
             self._sum_pair_accumulators()
@@ -91,10 +118,12 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
 
     def _sum_pair_accumulators(self) -> None:
         """Adds the raw hook sums of the two copies of every held stage (one all-reduce)."""
+        if not self.layers:  # the pair partner holds the same stages: it has none either
+            return
         start = self.clock()
         pieces: list[torch.Tensor] = []
-        dtype, device = self.layers[0].dtype, self.layers[0].device
-        counts = torch.zeros(3 * len(self.layers), dtype=torch.float64, device=device)
+        dtype, device = self.dtype, self.device
+        counts = torch.zeros(4 * len(self.layers), dtype=torch.float64, device=device)
         for j, i in enumerate(self._pair_order):
             layer = self.layers[i]
             fired = layer.a_sum is not None and layer.g_sum is not None
@@ -109,8 +138,8 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
                 g.to(dtype=dtype, device=device).reshape(-1),
             ]
             if fired:
-                counts[3 * j : 3 * j + 3] = torch.tensor(
-                    [layer.a_rows, layer.examples, 1.0], dtype=torch.float64
+                counts[4 * j : 4 * j + 4] = torch.tensor(
+                    [layer.a_rows, layer.examples, layer.examples_used, 1.0], dtype=torch.float64
                 )
         flat = torch.cat(pieces)
         self.comm.bytes_communicated += (
@@ -125,12 +154,12 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             a = flat[offset : offset + a_size].view(layer.in_dim, layer.in_dim)
             g = flat[offset + a_size : offset + a_size + g_size].view(layer.out_dim, layer.out_dim)
             offset += a_size + g_size
-            rows, examples, holders = (float(v) for v in counts[3 * j : 3 * j + 3])
+            rows, examples, used, holders = (float(v) for v in counts[4 * j : 4 * j + 4])
             if holders < 2:  # a copy whose hooks did not fire would bias the factors: keep them unset
                 layer.reset_accumulators()
                 continue
             layer.a_sum, layer.g_sum = a.clone(), g.clone()
-            layer.a_rows, layer.examples = int(rows), int(examples)
+            layer.a_rows, layer.examples, layer.examples_used = int(rows), int(examples), int(used)
         self.counters["communication_seconds"] += self.clock() - start
 
     # ------------------------------------------------------------------ KL-clip
@@ -141,7 +170,7 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
     def _reduce_kl(self, total: float) -> float:
         # Every rank of the pipeline must use the single-device clip factor: sum over the whole pipeline.
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
-            summed = torch.tensor([total], dtype=torch.float64, device=self.layers[0].device)
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce(summed, group=self.pipeline_group)
             return float(summed)
         return total

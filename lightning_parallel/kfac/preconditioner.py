@@ -8,7 +8,8 @@ Design decisions:
 
 - Hooks: a forward hook records the input and registers a hook on the output tensor for its
   gradient. Unlike full backward hooks this works when an in-place activation follows the layer
-  (the tensor hook sees the gradient of the layer's own output). The forward hooks are
+  (the tensor hook sees the gradient of the layer's own output, once per forward call: a second
+  traversal, such as a zero-bubble schedule's weight-gradient pass, adds nothing). The forward hooks are
   registered only while the next step is a factor-update step (and only on the layers this rank
   records), so other steps pay nothing for them; they record only in training mode with grad
   enabled. A
@@ -28,8 +29,15 @@ Design decisions:
 - ``assignment="dp"`` (DP-KFAC): owners by longest-processing-time greedy over the layers' cost
   (``assignment.py``), fixed at the first step from the observed rows (the cost vector is
   max-reduced so all ranks agree). Only the owner records hook data, builds and decomposes the
-  factors and preconditions; then one broadcast per owner rank sends its layers' preconditioned
-  gradients. No factor communication.
+  factors. No factor communication. Where the decomposition is used is the ``placement``
+  (KAISA's gradient-worker fraction at its two ends): ``"owner"`` preconditions on the owner, then
+  one broadcast per owner rank sends its layers' preconditioned gradients, every step;
+  ``"all"``: one broadcast per owner rank sends its layers' decompositions when they change (every
+  ``inv_update_steps``) and every rank preconditions every layer itself (its gradients are the
+  same all-reduced ones), with no per-step traffic. Every rank installs the broadcast copy (the
+  owner too), so all ranks precondition with bit-identical matrices. ``"auto"`` takes the placement
+  with fewer bytes per step by :func:`~lightning_parallel.kfac.assignment.placement_costs` for the
+  intervals at the first step, and logs the choice with both placements' bytes and memory.
 - ``assignment="replicated"`` (D-KFAC): every rank builds every layer's factors from its local
   batch; the upper triangles of the batch factors are averaged with one all-reduce; every rank
   decomposes and preconditions every layer.
@@ -45,6 +53,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -57,14 +66,15 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_parallel.kfac import recording
-from lightning_parallel.kfac.assignment import assign_owners, layer_cost
-from lightning_parallel.kfac.communication import Communicator, from_triu, or_zeros
-from lightning_parallel.kfac.factors import gradient_matrix, write_gradient_matrix
+from lightning_parallel.kfac.assignment import assign_owners, layer_cost, placement_costs
+from lightning_parallel.kfac.communication import Communicator, or_zeros
+from lightning_parallel.kfac.factors import from_triu, gradient_matrix, write_gradient_matrix
 from lightning_parallel.kfac.fisher import prediction_module, sampled_output_grad
 from lightning_parallel.kfac.layer import KFACLayer
 from lightning_parallel.kfac.options import KFACOptions
 from lightning_parallel.layers.registry import find_targets, weight_coverage
 
+log = logging.getLogger(__name__)
 COUNTERS = ("factor_seconds", "decomposition_seconds", "precondition_seconds", "communication_seconds")
 
 
@@ -77,24 +87,38 @@ class KFACPreconditioner:
         options: The hyperparameters (see :class:`KFACOptions`).
         group: Process group over which the gradients are replicated (``None``: the default group
             when one is initialised, otherwise single-process K-FAC).
+        allow_empty: Accept a model with no supported layer (a pipeline rank whose stages hold
+            none: it preconditions nothing but takes part in the collectives). Default ``False``.
 
     Raises:
-        ValueError: If the model has no supported layer left after ``skip_layers``.
+        ValueError: If the model has no supported layer left after ``skip_layers`` (unless
+            ``allow_empty``).
     """
 
-    def __init__(self, model: nn.Module, options: KFACOptions | None = None, group: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, options: KFACOptions | None = None, group: Any = None, *, allow_empty: bool = False
+    ) -> None:
         self.options = options if options is not None else KFACOptions()
         self.comm = Communicator(group)
         # the layer registry says which modules are linear-like and how to read them
-        self.layers = [KFACLayer(t.name, t) for t in find_targets(model, self._skipped)]
+        self.layers = [KFACLayer(t.name, t, self.options.factor_subsample) for t in find_targets(model, self._skipped)]
         self.coverage = weight_coverage(model, [layer.weight for layer in self.layers], "K-FAC")
-        if not self.layers:
+        # dtype and device of the small tensors K-FAC communicates (a rank without layers needs them too)
+        first = self.layers[0].weight if self.layers else next(model.parameters(), None)
+        self.device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        self.dtype = self.layers[0].dtype if self.layers else torch.float32
+        if not self.layers and not allow_empty:
             raise ValueError(
                 f"`model` ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer left to precondition"
                 f" (skip_layers={list(self.options.skip_layers)}); add such layers or loosen `skip_layers`."
             )
         self.steps = 0
         self.owners: list[int] | None = None if self.comm.world_size > 1 else [0] * len(self.layers)
+        # where the decompositions are used: "owner" or "all" (resolved from "auto" with the owners)
+        self.placement = "all" if self.options.assignment == "replicated" else self.options.placement
+        if self.comm.world_size == 1:
+            self.placement = "all"
+        self.costs_by_placement: dict[str, dict[str, float]] = {}  # the cost model's figures, once placed
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
         # the counters' clock; ``time.process_time`` measures CPU work on oversubscribed machines
         self.clock: Callable[[], float] = time.perf_counter
@@ -140,22 +164,19 @@ class KFACPreconditioner:
             self._handles = []
 
     def is_local(self, index: int) -> bool:
-        """Whether this rank builds, decomposes and preconditions layer ``index``."""
+        """Whether this rank records, builds and decomposes layer ``index``'s factors."""
         if self.options.assignment == "replicated" or self.owners is None:
             return True
         return self.owners[index] == self.comm.rank
+
+    def preconditions(self, index: int) -> bool:
+        """Whether this rank preconditions layer ``index`` (its owner, or every rank under ``"all"``)."""
+        return self.placement == "all" or self.is_local(index)
 
     def _forward_hook(self, index: int) -> Any:
         layer = self.layers[index]
 
         sampled = self.options.sampled_fisher
-
-        def grad_hook(grad: torch.Tensor) -> None:
-            if sampled and not self.sampling:  # the training loss's backward: G comes from the sampled pass
-                return
-            start = self.clock()
-            layer.accumulate_grad(grad)
-            self.counters["factor_seconds"] += self.clock() - start
 
         def hook(x: torch.Tensor, output: torch.Tensor) -> None:
             if recording.is_paused():  # a solver's Jacobian product, not part of the model's gradient
@@ -167,6 +188,19 @@ class KFACPreconditioner:
             start = self.clock()
             layer.accumulate_input(x)
             self.counters["factor_seconds"] += self.clock() - start
+            recorded = False
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                # one G contribution per forward call: a zero-bubble schedule's separate weight-gradient
+                # pass traverses the output again with the same gradient
+                nonlocal recorded
+                if recorded or (sampled and not self.sampling):  # sampled: G comes from the sampled pass
+                    return
+                recorded = True
+                start = self.clock()
+                layer.accumulate_grad(grad)
+                self.counters["factor_seconds"] += self.clock() - start
+
             output.register_hook(grad_hook)
             if sampled:
                 self._pending[index] = None
@@ -277,10 +311,42 @@ class KFACPreconditioner:
             self.comm.bytes_communicated += costs.numel() * costs.element_size()
             dist.all_reduce(costs, op=dist.ReduceOp.MAX, group=self.comm.group)
         self.owners = assign_owners(costs.tolist(), self.comm.world_size)
-        for index, layer in enumerate(self.layers):
-            if not self.is_local(index):
-                layer.drop_state()
+        self._place(fus, ius)
+        self._drop_remote()
         self._rehook()
+
+    def _place(self, fus: int, ius: int) -> None:
+        """Resolves ``placement="auto"`` by the cost model, once the owners are known; logs the choice."""
+        assert self.owners is not None
+        costs = placement_costs(
+            [(layer.in_dim, layer.out_dim) for layer in self.layers],
+            self.owners,
+            method=self.options.method,
+            factor_update_steps=fus,
+            inv_update_steps=ius,
+            element_size=self.dtype.itemsize,
+        )
+        self.costs_by_placement = costs
+        if self.options.assignment == "replicated" or self.comm.world_size == 1:
+            return
+        if self.options.placement == "auto":
+            cheaper = costs["all"]["bytes_per_step"] < costs["owner"]["bytes_per_step"]
+            self.placement = "all" if cheaper else "owner"
+        if self.comm.rank == 0:
+            log.info(
+                "K-FAC placement %r (%s) for factor/decomposition intervals %d/%d over %d ranks: bytes per step"
+                " owner %.0f, all %.0f (replicated %.0f); curvature bytes per rank owner %.0f, all %.0f",
+                self.placement,
+                "chosen by the cost model" if self.options.placement == "auto" else "set",
+                fus,
+                ius,
+                self.comm.world_size,
+                costs["owner"]["bytes_per_step"],
+                costs["all"]["bytes_per_step"],
+                costs["replicated"]["bytes_per_step"],
+                costs["owner"]["curvature_bytes"],
+                costs["all"]["curvature_bytes"],
+            )
 
     def _average_factors(
         self, batch: list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -288,8 +354,7 @@ class KFACPreconditioner:
         """Averages the batch factors over the ranks (``replicated``); only upper triangles travel."""
         start = self.clock()
         pieces: list[torch.Tensor] = []
-        dtype = self.layers[0].dtype
-        device = self.layers[0].device
+        dtype, device = self.dtype, self.device
         valid = torch.zeros(len(self.layers), dtype=dtype, device=device)
         for i, (layer, factors) in enumerate(zip(self.layers, batch)):
             ia, ja = torch.triu_indices(layer.in_dim, layer.in_dim, device=device)
@@ -336,6 +401,37 @@ class KFACPreconditioner:
                     f"K-FAC: decomposing layer {layer.name!r} failed ({err}); it {kept}.", stacklevel=3
                 )
         self.counters["decomposition_seconds"] += self.clock() - start
+        if self.placement == "all" and self.options.assignment == "dp" and self.comm.world_size > 1:
+            start = self.clock()
+            self._broadcast_decompositions()
+            self.counters["communication_seconds"] += self.clock() - start
+
+    def _broadcast_decompositions(self) -> None:
+        """``placement="all"``: each owner rank broadcasts its layers' decompositions (one broadcast
+        per owner); every rank, the owner included, installs the received copy."""
+        assert self.owners is not None
+        method = self.options.method
+        dtype = self.dtype
+        for rank in range(self.comm.world_size):
+            owned = [i for i, owner in enumerate(self.owners) if owner == rank]
+            if not owned:
+                continue
+            pieces = [[p.to(dtype) for p in self.layers[i].decomposition_tensors(method)] for i in owned]
+            meta = torch.tensor(
+                [float(bool(self.layers[i].decomposition)) for i in owned] + [self.layers[i].pi for i in owned],
+                dtype=dtype,
+                device=self.device,
+            )
+            received = self.comm.broadcast([*(p for layer in pieces for p in layer), meta], rank)
+            flags = received[-1].tolist()
+            offset = 0
+            for k, i in enumerate(owned):
+                layer = self.layers[i]
+                count = len(pieces[k])
+                if flags[k] > 0.5:
+                    parts = [t.to(layer.dtype) for t in received[offset : offset + count]]
+                    layer.set_decomposition(method, parts, flags[len(owned) + k])
+                offset += count
 
     def _precondition(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         start = self.clock()
@@ -344,7 +440,7 @@ class KFACPreconditioner:
         updates: list[torch.Tensor | None] = [None] * n  # None: the layer keeps its plain gradient
         grads: list[torch.Tensor | None] = [None] * n
         for index, layer in enumerate(self.layers):
-            if self.is_local(index) and layer.decomposition:
+            if self.preconditions(index) and layer.decomposition:
                 mat = gradient_matrix(layer.target)
                 if mat is not None:
                     grads[index], updates[index] = mat, layer.precondition(mat, damping)
@@ -370,7 +466,7 @@ class KFACPreconditioner:
                 )
                 updates[i] = None
         self.counters["precondition_seconds"] += self.clock() - start
-        if self.options.assignment == "dp" and self.comm.world_size > 1:
+        if self.placement == "owner" and self.comm.world_size > 1:
             start = self.clock()
             self._broadcast_updates(updates, terms)
             self.counters["communication_seconds"] += self.clock() - start
@@ -458,6 +554,7 @@ class KFACPreconditioner:
             "owners": self.owners,
             "world_size": self.comm.world_size,
             "assignment": self.options.assignment,
+            "placement": self.placement,
             "layers": local,
             "fisher_rng": None if self._generator is None else self._generator.get_state(),
         }
@@ -472,7 +569,7 @@ class KFACPreconditioner:
         self._generator = None
         rng = state.get("fisher_rng")
         if rng is not None and self.options.sampled_fisher:
-            self._generator = torch.Generator(device=self.layers[0].device)
+            self._generator = torch.Generator(device=self.device)
             if self.comm.world_size == 1:
                 self._generator.set_state(rng)  # exact resume
             else:  # the checkpoint holds one rank's generator: a fresh, distinct stream per rank
@@ -500,10 +597,23 @@ class KFACPreconditioner:
                 for layer in self.layers
             ]
             self.owners = assign_owners(costs, self.comm.world_size)
-        for index, layer in enumerate(self.layers):
-            if not self.is_local(index):
-                layer.drop_state()
+        self._place(
+            int(self.options.at("factor_update_steps", self.steps)),
+            int(self.options.at("inv_update_steps", self.steps)),
+        )
+        self._drop_remote()
         self._rehook()
+
+    def _drop_remote(self) -> None:
+        """Frees what this rank does not need of the layers other ranks own: everything under
+        ``"owner"``, the factors (not the decomposition) under ``"all"``."""
+        for index, layer in enumerate(self.layers):
+            if self.is_local(index):
+                continue
+            if self.placement == "all":
+                layer.drop_factors()
+            else:
+                layer.drop_state()
 
     def _rehook(self) -> None:
         """Re-registers the hooks after the owners changed (only local layers carry them)."""

@@ -111,6 +111,8 @@ class QuantizationPrecision(WrappingPrecision):
         super().__init__(inner)
         self.act_bits = act_bits
         self.group_size = group_size
+        if isinstance(ignore_modules, str):  # list("blocks.0") would be its characters
+            raise TypeError(f"ignore_modules={ignore_modules!r} must be a list of patterns, e.g. [{ignore_modules!r}].")
         self.ignore_modules = list(ignore_modules or [])
         self.module_bits = dict(module_bits or {})
         self.int8_threshold = int8_threshold

@@ -94,8 +94,10 @@ class ChimeraStrategy(PipelineStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
-        if micro_batches is not None and micro_batches < 1:
-            raise ValueError(f"micro_batches={micro_batches} must be positive, e.g. equal to stages.")
+        if micro_batches is not None and (
+            isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
+        ):
+            raise ValueError(f"micro_batches={micro_batches!r} must be positive, e.g. equal to stages.")
         if schedule not in SCHEDULE_KINDS:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULE_KINDS}.")
         checked_partition = self._check_partition(partition, stages, methods=PARTITION_METHODS)

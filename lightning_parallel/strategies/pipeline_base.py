@@ -45,6 +45,7 @@ Extension points (override these; each is called on every rank, in the same orde
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
@@ -57,6 +58,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
+from lightning_parallel.strategies.monitors import warn_unlogged_monitors
 from lightning_parallel.strategies.set_aside import SetAsideGradients
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
@@ -131,6 +133,7 @@ class PipelineStrategy(DDPStrategy):
 
         Raises:
             ValueError: for an unknown method or a list of the wrong length.
+            TypeError: for a list entry that is not a whole number.
         """
         if partition is None:
             return None
@@ -140,6 +143,8 @@ class PipelineStrategy(DDPStrategy):
                     f"{name}={partition!r} is not one of {tuple(methods)} or a list of blocks per stage such as [2, 2]."
                 )
             return partition
+        if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in partition):
+            raise TypeError(f"{name}={list(partition)!r} must list whole numbers of blocks per stage, e.g. [2, 2].")
         sizes = [int(size) for size in partition]
         if stages is not None and len(sizes) != stages:
             raise ValueError(
@@ -155,6 +160,7 @@ class PipelineStrategy(DDPStrategy):
         self.configure_stages(trainer, module)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
+            warn_unlogged_monitors(trainer, module, type(self).__name__)
             self.setup_optimizers(trainer)
             self.on_optimizers_ready(trainer)
         self.setup_precision_plugin()

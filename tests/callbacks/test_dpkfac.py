@@ -153,6 +153,22 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         DPKFAC(**kwargs)
 
 
+def test_every_option_is_an_argument_documented_once_in_kfac_options() -> None:
+    """DPKFAC's signature repeats KFACOptions' fields (LightningCLI reads it) with the same defaults;
+    its docstring embeds KFACOptions' entries, so each option has one text."""
+    import dataclasses
+    import inspect
+
+    from lightning_parallel.kfac import KFACOptions
+
+    parameters = inspect.signature(DPKFAC).parameters
+    for f in dataclasses.fields(KFACOptions):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        assert parameters[f.name].default == default or tuple(parameters[f.name].default) == default
+        assert f"\n        {f.name}: " in (DPKFAC.__doc__ or "")
+    assert "{kfac_options}" not in (DPKFAC.__doc__ or "")
+
+
 class NoLayers(TinyNet):
     def __init__(self) -> None:
         super().__init__()

@@ -21,42 +21,14 @@ import torch
 from lightning_parallel.callbacks import PreemptionCheckpoint
 from lightning_parallel.peers import PeerTable, is_communication_error
 from lightning_parallel.preemption import SignalFlag, exit_status
-from tests.test_configs import _CLUSTER_VARIABLES, ROOT
-
-CONFIG = """\
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 2
-  strategy: ddp
-  max_steps: {max_steps}
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  enable_checkpointing: false
-  limit_val_batches: 0
-  num_sanity_val_steps: 0
-  default_root_dir: {root}
-  callbacks:
-    - class_path: tests.helpers.callbacks.StepMarker
-      init_args: {{directory: {marks}, sleep_s: {sleep_s}}}
-    - class_path: lightning_parallel.callbacks.DPKFAC
-      init_args: {{fisher: categorical, factor_update_steps: 1, inv_update_steps: 5}}
-model:
-  class_path: lightning_parallel.models.MLPClassifier
-  init_args: {{in_features: 16, hidden: [32], num_classes: 4, lr: 0.01, optimizer: adam}}
-data:
-  class_path: lightning_parallel.data.SyntheticDataModule
-  init_args: {{shape: [16], num_classes: 4, num_samples: 512, batch_size: 16}}
-"""
+from tests.helpers.processes import DDP_KFAC_CONFIG, clean_env, gone
 
 
 def _start(tmp: Path, name: str, *, max_steps: int, sleep_s: float, ckpt: Path | None = None) -> tuple[subprocess.Popen[str], Path]:
     marks = tmp / name
     config = tmp / f"{name}.yaml"
-    config.write_text(CONFIG.format(max_steps=max_steps, root=tmp / f"{name}-root", marks=marks, sleep_s=sleep_s))
-    env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARIABLES}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    config.write_text(DDP_KFAC_CONFIG.format(max_steps=max_steps, root=tmp / f"{name}-root", marks=marks, sleep_s=sleep_s))
+    env = clean_env()
     args = [sys.executable, "-m", "lightning_parallel.cli", "fit", "--config", str(config)]
     if ckpt is not None:
         args.append(f"--ckpt_path={ckpt}")
@@ -84,22 +56,11 @@ def _wait_for_step(marks: Path, step: int, proc: subprocess.Popen[str], timeout:
     pytest.fail(f"the run did not reach step {step} within {timeout:.0f} s")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1][:1] == "Z"
-    except OSError:
-        return True
-
-
 def _wait_all_gone(pids: list[int], proc: subprocess.Popen[str], timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         proc.poll()
-        if all(_gone(p) for p in pids):
+        if all(gone(p) for p in pids):
             return time.monotonic() - start
         time.sleep(0.1)
     return float("inf")

@@ -154,3 +154,18 @@ def test_kbit_codec_state_continues_the_noise() -> None:
     other.load_state_dict(state)
     assert torch.equal(other.decode(other.encode(x)), want)
     assert not torch.equal(KBitCodec(2, seed=5).roundtrip(x), want)  # a fresh generator draws other noise
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_sampler_order_is_that_of_one_replica_distributed_sampler(epoch: int) -> None:
+    # a pipeline with one replica gets Lightning's DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED): with
+    # the package's DataModules it reads the batches single-device training reads, without
+    # use_distributed_sampler=False
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.arange(37))
+    ours = EpochRandomSampler(data, seed=7)
+    theirs = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    ours.set_epoch(epoch)
+    theirs.set_epoch(epoch)
+    assert list(ours) == list(theirs)

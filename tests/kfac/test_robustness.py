@@ -9,7 +9,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, assign_owners, layer_cost, resolve
+from lightning_parallel.kfac import (
+    KFACOptions,
+    KFACPreconditioner,
+    assign_owners,
+    layer_cost,
+    placement_costs,
+    resolve,
+)
 
 
 def test_inplace_activation_gives_the_same_factors() -> None:
@@ -141,6 +148,10 @@ def test_nan_decomposition_keeps_the_previous_one(monkeypatch: pytest.MonkeyPatc
         ({"damping": [[0, 1, 2]]}, r"each entry must be a \[first_step, value\] pair"),
         ({"damping": "high"}, r"`damping='high'` is not a schedule"),
         ({"damping": True}, r"`damping=True` is a bool"),
+        ({"placement": "some"}, r"`placement='some'` is unknown; use 'owner'"),
+        ({"assignment": "replicated", "placement": "owner"}, r"`placement='owner'` with `assignment='replicated'`"),
+        ({"factor_subsample": 0}, r"`factor_subsample=0` must be >= 1"),
+        ({"factor_subsample": 1.5}, r"`factor_subsample=1.5` must be an integer >= 1"),
     ],
 )
 def test_bad_options(kwargs: dict, match: str) -> None:
@@ -191,6 +202,41 @@ def test_lpt_assignment_balances_and_is_optimal_on_a_known_case() -> None:
         assign_owners([1.0], 0)
     with pytest.raises(ValueError, match=r"negative cost"):
         assign_owners([-1.0], 2)
+
+
+def test_placement_costs_formula() -> None:
+    # two layers (in, out) = (3, 2) on rank 0 and (5, 4) on rank 1; eigen pieces in^2 + in + out^2 + out
+    costs = placement_costs([(3, 2), (5, 4)], [0, 1], method="eigen", factor_update_steps=10, inv_update_steps=100)
+    assert costs["owner"]["bytes_per_step"] == 4 * ((2 * 3 + 2) + (4 * 5 + 2))
+    assert costs["all"]["bytes_per_step"] == 4 * ((9 + 3 + 4 + 2 + 2) + (25 + 5 + 16 + 4 + 2)) / 100
+    assert costs["replicated"]["bytes_per_step"] == 4 * ((6 + 3 + 1) + (15 + 10 + 1)) / 10
+    # memory: factors (in^2 + out^2), eigen decomposition and the cached inverses (in^2 + out^2 again)
+    own = [13 + 18 + 13, 41 + 50 + 41]
+    assert costs["owner"]["curvature_bytes"] == 4 * max(own)
+    assert costs["all"]["curvature_bytes"] == 4 * (41 + (18 + 13) + (50 + 41))
+    assert costs["replicated"]["curvature_bytes"] == 4 * sum(own)
+    inverse = placement_costs([(3, 2)], [0], method="inverse", factor_update_steps=1, inv_update_steps=2)
+    assert inverse["all"]["bytes_per_step"] == 4 * (6 + 3 + 2) / 2  # the two upper triangles
+
+
+def test_factor_subsample_uses_every_kth_example_and_rescales_g() -> None:
+    """``factor_subsample=2``: A is the mean over the even examples' rows, G their per-example Fisher
+    rescaled to the batch: the factors of K-FAC run on the even examples alone, times the loss-scale
+    ratio (the full batch's loss carries 1/16 per example, the half batch's 1/8)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    sub = KFACPreconditioner(model, KFACOptions(kl_clip=None, factor_subsample=2))
+    F.mse_loss(model(x), y).backward()
+    sub.step()
+    sub.remove_hooks()
+    model.zero_grad()
+    full = KFACPreconditioner(model, KFACOptions(kl_clip=None))
+    F.mse_loss(model(x[::2]), y[::2]).backward()
+    full.step()
+    for a, b in zip(sub.layers, full.layers):
+        torch.testing.assert_close(a.a_factor, b.a_factor)
+        torch.testing.assert_close(a.g_factor, b.g_factor)
 
 
 def test_layer_cost_formula() -> None:

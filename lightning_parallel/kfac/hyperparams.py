@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import TypeAlias
 
-Schedule: TypeAlias = float | int | Sequence[Sequence[float]] | Callable[[int], float]
+Hyperparameter: TypeAlias = float | int | Sequence[Sequence[float]] | Callable[[int], float]
 
 
-def check_schedule(name: str, value: Schedule) -> None:
+def check_schedule(name: str, value: Hyperparameter) -> None:
     """Checks the form of a schedule (not its values, which :func:`resolve` checks per step).
 
     Args:
@@ -55,7 +55,7 @@ def check_schedule(name: str, value: Schedule) -> None:
         raise ValueError(f"`{name}` has steps {steps}; the first steps of the pairs must strictly increase.")
 
 
-def resolve(value: Schedule, step: int) -> float:
+def resolve(value: Hyperparameter, step: int) -> float:
     """The value of a schedule at an optimizer step.
 
     Args:
