@@ -44,6 +44,7 @@ from typing_extensions import override
 from lightning_parallel.sparse import SparseEngine
 from lightning_parallel.sparse.engine import check_options
 from lightning_parallel.sparse.export import densify_state_dict, resize_to_state_dict
+from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
 
 
 class SparseTraining(Callback):
@@ -137,10 +138,11 @@ class SparseTraining(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        pipeline = isinstance(strategy, (ChimeraStrategy, InterlockingBackpropStrategy))
+        if pipeline or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
                 f"SparseTraining runs on one device or under DDP; got {type(strategy).__name__}. "
-                "Use strategy='auto' or 'ddp'."
+                "Use strategy='auto' or 'ddp' (pipeline strategies are not supported yet)."
             )
         if self.prune_neurons and trainer.world_size > 1:
             raise ValueError(

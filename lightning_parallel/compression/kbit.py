@@ -49,8 +49,8 @@ class KBitEncoded:
         group_size: elements per group.
         count: number of quantized elements.
         codes: packed codes.
-        minimum: per-group minimum (float32).
-        scale: per-group bin width (float32).
+        minimum: per-group minimum (float32; float64 when a group's range exceeds float32's).
+        scale: per-group bin width (same dtype as ``minimum``).
         nonzero: 1-bit mask of the quantized elements, or ``None`` when all are quantized.
         exc_index: flat indices of non-finite elements stored exactly, or ``None``.
         exc_value: their values, or ``None``.
@@ -212,6 +212,11 @@ class KBitCodec(Codec):
             return None  # NaN and inf propagate to the group minimum or maximum
         levels = (1 << self.bits) - 1
         scale = (hi - lo) / levels
+        if not bool(torch.isfinite(scale).all()):
+            # a group spanning more than float32's range (values near +-3e38): its width overflows to inf
+            # and every code would decode to NaN; such tensors are quantized in float64
+            v, lo, hi = v.double(), lo.double(), hi.double()
+            scale = (hi - lo) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         # floor((v - lo) / scale + u): u = (b + 0.5) / 256 for a random byte b (stochastic) or
         # 0.5 (nearest); the constant part of u is folded into the subtracted minimum and, as
@@ -250,7 +255,7 @@ class KBitCodec(Codec):
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad)])
         vals = torch.addcmul(
-            encoded.minimum.view(-1, 1), codes.view(groups, g).to(torch.float32), encoded.scale.view(-1, 1)
+            encoded.minimum.view(-1, 1), codes.view(groups, g).to(encoded.minimum.dtype), encoded.scale.view(-1, 1)
         )
         vals = vals.view(-1)[:count].to(encoded.dtype)
         return restore_dense(vals, encoded.nonzero, encoded.exc_index, encoded.exc_value, encoded.shape)

@@ -2,10 +2,15 @@
 
 The forward integrates without a graph and saves only the checkpoints (``ctx.save_for_backward``, so
 saved-tensor hooks such as the activation compressor see them). The backward walks the segments
-between checkpoints from the last to the first: it replays a segment's accepted steps from its
-checkpoint (no graph), then runs each step's adjoint (:func:`~lightning_parallel.ode.steps.step_vjp`)
-from the segment's end back to its start. Peak memory in backward is the checkpoints plus one
-segment's states plus one step's graph.
+between checkpoints from the last to the first:
+
+- explicit methods recompute the segment's accepted steps from its checkpoint with the graph and
+  differentiate them in one pass (:func:`segment_vjp`): one extra forward in all, and a transient
+  peak of one segment's graph (``steps / K`` steps);
+- implicit methods replay the segment without a graph (their Newton solutions are the states) and
+  run each step's implicit-function-theorem adjoint (:func:`~lightning_parallel.ode.steps.step_vjp`)
+  from the segment's end back to its start: a transient peak of one segment's states and one
+  step's graph.
 """
 
 from __future__ import annotations
@@ -19,6 +24,26 @@ from lightning_parallel.kfac import recording
 from lightning_parallel.ode.integrate import Problem, Trajectory, integrate, replay
 from lightning_parallel.ode.steps import step_vjp
 from lightning_parallel.ode.tableaux import TABLEAUX
+
+
+def segment_vjp(
+    problem: Problem, start: Tensor, steps: list[tuple[float, float]], lam: Tensor, params: list[Tensor]
+) -> tuple[Tensor, list[Tensor | None]]:
+    """The adjoint of a run of explicit steps: autograd through their recomputation from ``start``."""
+    with torch.enable_grad():
+        y0 = start.detach().requires_grad_()
+        y = y0
+        for t, h in steps:
+            y, _ = problem.step(t, h, y)
+        grads = torch.autograd.grad(y, (y0, *params), lam, allow_unused=True)
+    lam0 = grads[0] if grads[0] is not None else torch.zeros_like(lam)
+    return lam0, list(grads[1:])
+
+
+def _accumulate(totals: list[Tensor | None], where: list[int], grads: list[Tensor | None]) -> None:
+    for i, g in zip(where, grads):
+        if g is not None:
+            totals[i] = g if totals[i] is None else totals[i] + g  # type: ignore[operator]
 
 
 class DiscreteAdjoint(torch.autograd.Function):
@@ -51,13 +76,18 @@ class DiscreteAdjoint(torch.autograd.Function):
         with recording.shared_weights():
             for seg in reversed(range(n_ckpt)):
                 steps = ctx.steps[bounds[seg] : bounds[seg + 1]]
+                if tableau is not None:  # explicit: one recomputation of the segment with its graph
+                    lam, grads = segment_vjp(problem, states[seg], steps, lam, needed)
+                    _accumulate(totals, where, grads)
+                    continue
+                # implicit: the Newton solutions (the states), then each step's IFT adjoint
                 ys = replay(problem, states[seg], steps)
                 for n in reversed(range(len(steps))):
                     t, h = steps[n]
                     lam, grads = step_vjp(
                         problem.func,
                         problem.method,
-                        tableau,
+                        None,
                         t,
                         h,
                         ys[n],
@@ -66,8 +96,6 @@ class DiscreteAdjoint(torch.autograd.Function):
                         needed,
                         problem.newton,
                     )
-                    for i, g in zip(where, grads):
-                        if g is not None:
-                            totals[i] = g if totals[i] is None else totals[i] + g  # type: ignore[operator]
+                    _accumulate(totals, where, grads)
                 ys.clear()
         return (None, None, None, lam, *totals)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -136,7 +137,7 @@ class ODEBlock(nn.Module):
         """``y(t1)`` from ``y(t0) = x``."""
         problem = self.problem()
         params = [p for p in self.func.parameters() if p.requires_grad]
-        if self.adjoint == "discrete" and (x.requires_grad or params):
+        if self.adjoint == "discrete" and torch.is_grad_enabled() and (x.requires_grad or params):
             out: list[Trajectory] = []
             y = DiscreteAdjoint.apply(problem, self.checkpoints, out, x, *params)
             self.last = out[0]

@@ -12,6 +12,9 @@ kernels:
 - forward ``y = x W^T``: ``torch.sparse.mm(W_csr, x^T)^T`` (``O(B nnz)``);
 - input gradient ``dx = dy W``: ``torch.sparse.mm(W^T_csr, dy^T)^T`` with the transposed CSR kept as a
   permutation of ``values``;
+- memory per nonzero: the value (4 bytes in fp32), its flat index (8, int64: the persistent pattern) and the
+  CSR column, transposed column and permutation (4 each, int32 while every size fits): 24 bytes, against 4
+  bytes of weight and 1 of mask per *dense* entry in masked mode;
 - weight gradient ``dvalues = (dy^T x)`` sampled on the pattern: ``torch.sparse.sampled_addmm`` (no dense
   ``out x in`` matrix is ever formed).
 
@@ -112,6 +115,26 @@ class SparseLinear(nn.Module):
             bias=linear.bias,
         )
 
+    @classmethod
+    def random(
+        cls, in_features: int, out_features: int, density: float, *, generator: torch.Generator, bias: bool = True
+    ) -> SparseLinear:
+        """A layer with ``round(density * in * out)`` uniformly placed nonzeros, built without a dense weight.
+
+        The weights are uniform in ``+-1 / sqrt(density * in_features)`` (nn.Linear's bound over the expected
+        number of active inputs), the bias uniform in ``+-1 / sqrt(in_features)``; for widths whose dense form
+        does not fit in memory.
+        """
+        from lightning_parallel.sparse.sparse_updates import random_positions
+
+        numel = in_features * out_features
+        count = min(numel, max(1, round(density * numel)))
+        indices = torch.sort(random_positions(numel, torch.empty(0, dtype=torch.int64), count, generator)).values
+        bound = 1.0 / math.sqrt(max(1.0, density * in_features))
+        values = (torch.rand(count, generator=generator) * 2 - 1) * bound
+        bias_values = (torch.rand(out_features, generator=generator) * 2 - 1) / math.sqrt(in_features) if bias else None
+        return cls(in_features, out_features, indices=indices, values=values, bias=bias_values)
+
     @property
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
@@ -119,12 +142,16 @@ class SparseLinear(nn.Module):
     def _build_structure(self) -> None:
         rows = torch.div(self.indices, self.in_features, rounding_mode="floor")
         cols = self.indices % self.in_features
-        self.crow = torch._convert_indices_from_coo_to_csr(rows, self.out_features)
-        self.col = cols
+        # int32 index structures where they fit (half the bytes per nonzero); torch's CSR kernels take either
+        small = max(self.indices.numel(), self.in_features, self.out_features) < 2**31 - 1
+        index = torch.int32 if small else torch.int64
+        self.crow = torch._convert_indices_from_coo_to_csr(rows, self.out_features, out_int32=small)
+        self.col = cols.to(index)
         # the transposed pattern (CSR of W^T) sorted by (col, row): t_perm maps its entries to ``values``
-        self.t_perm = torch.argsort(cols * self.out_features + rows)
-        self.t_crow = torch._convert_indices_from_coo_to_csr(cols[self.t_perm], self.in_features)
-        self.t_col = rows[self.t_perm]
+        perm = torch.argsort(cols * self.out_features + rows)
+        self.t_crow = torch._convert_indices_from_coo_to_csr(cols[perm], self.in_features, out_int32=small)
+        self.t_col = rows[perm].to(index)
+        self.t_perm = perm.to(index)
 
     def set_pattern(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Replace the pattern (same nnz) and the weights; returns ``order`` with ``new = old_like[order]``.

@@ -190,3 +190,22 @@ def test_neuron_pruning_shrinks_layers_and_resumes_exactly(tmp_path: Path, execu
     resize_to_state_dict(plain, state)
     plain.load_state_dict(state)
     assert plain.net[1].out_features == 36
+
+
+def test_unsupported_strategy_and_neuron_pruning_under_ddp_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_parallel.strategies import ChimeraStrategy
+
+    chimera = SimpleNamespace(strategy=ChimeraStrategy.__new__(ChimeraStrategy), world_size=4, callbacks=[])
+    with pytest.raises(ValueError, match=r"runs on one device or under DDP; got ChimeraStrategy"):
+        SparseTraining().setup(chimera, SparseNet(), "fit")  # type: ignore[arg-type]
+    ddp = SimpleNamespace(strategy=DDPStrategy(), world_size=2, callbacks=[])
+    with pytest.raises(ValueError, match=r"`prune_neurons=0.2` changes layer shapes, which DDP cannot follow"):
+        SparseTraining(prune_neurons=0.2).setup(ddp, SparseNet(), "fit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`prune_neurons=1.0` must be in \[0, 1\)"):
+        SparseTraining(prune_neurons=1.0)
+    with pytest.raises(ValueError, match=r"`prune_neurons_every=0` must be >= 1"):
+        SparseTraining(prune_neurons_every=0)

@@ -56,12 +56,17 @@ def _params(model: torch.nn.Module) -> list[np.ndarray]:
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
-def test_models_learn_digits_and_the_flow_learns_moons(tmp_path: Path) -> None:
-    for model in (DEQClassifier(lr=3e-3), ODEClassifier(lr=3e-3)):
-        pl.seed_everything(0)
-        trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=4)
-        trainer.fit(model, DigitsDataModule(batch_size=64, image_size=8))
-        assert float(trainer.callback_metrics["val_acc"]) > 0.8, type(model).__name__
+@pytest.mark.slow  # two epochs of digits per model: about 50-100 s on 2 loaded cores
+@pytest.mark.parametrize("name", ["deq", "ode"])
+def test_classifiers_learn_digits(tmp_path: Path, name: str) -> None:
+    pl.seed_everything(0)
+    model = DEQClassifier(lr=3e-3) if name == "deq" else ODEClassifier(lr=3e-3, steps=4)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=4)
+    trainer.fit(model, DigitsDataModule(batch_size=64, image_size=8))
+    assert float(trainer.callback_metrics["val_acc"]) > 0.8
+
+
+def test_flow_learns_moons(tmp_path: Path) -> None:
     pl.seed_everything(0)
     flow = CNFDensityModel(hidden=32)
     data = Toy2DDataModule(num_samples=1024, batch_size=128)
@@ -112,6 +117,7 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict[str, list[np.ndar
     return out
 
 
+@pytest.mark.slow  # about 70 s on 2 loaded cores
 def test_ddp_equals_single_process(tmp_path: Path) -> None:
     results = run_distributed(_ddp_worker, 2, str(tmp_path), timeout=300.0)
     for name, model in _models().items():
