@@ -243,6 +243,7 @@ def place_between(
 METHODS = {  # kind -> (method, k) of the JSON records
     "auxnet@10": ("auxnet", None),
     "auxnet@1": ("auxnet_refit_every_step", None),
+    "auxnet@0": ("auxnet_never_refit", None),
     "1": ("interlocking", 1),
     "2": ("interlocking", 2),
     "e2e": ("end_to_end_1f1b", "e2e"),
@@ -265,6 +266,12 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps (default 10: one refit at the default interval)"
     )
     parser.add_argument("--workers", type=int, default=2, help="processes for the accuracy runs")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["1", "2", "e2e", "auxnet@10", "auxnet@1"],
+        help="accuracy runs: interlocking widths (1, 2), e2e, auxnet@INTERVAL (refit interval); place needs 1 and e2e",
+    )
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
@@ -302,7 +309,7 @@ def main() -> None:
                 f"{r['efficiency']:>11.3f} {r['bytes_per_step_rank0']:>14}"
             )
     if not args.skip_accuracy:
-        kinds = ["1", "2", "e2e", "auxnet@10", "auxnet@1"]
+        kinds = list(args.methods)
         jobs = [(kind, seed, epochs, args.lr) for seed in range(seeds) for kind in kinds]
         if args.workers > 1:
             with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -324,7 +331,7 @@ def main() -> None:
                 per_seed=per[kind].tolist(),
             )
             place = ""
-            if kind.startswith("auxnet") or kind == "2":
+            if (kind.startswith("auxnet") or kind == "2") and {"1", "e2e"} <= set(kinds):
                 share, interval = place_between(per, kind)
                 rec.update(place_between_k1_and_e2e=share, place_ci95=interval)
                 place = f"{share:>8.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"

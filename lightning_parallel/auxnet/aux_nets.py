@@ -6,7 +6,7 @@ optional pipeline-protocol hook ``pipeline_aux_net(stage_index, sample_input, sa
 ``None`` for the default). Defaults, built from one sample (low capacity on purpose: the auxiliary network must
 be much cheaper than the trunk prefix it stands in for, or there is nothing to gain):
 
-- image to image, ``(B, C, H, W) -> (B, C', H', W')``: ``Conv2d(C, C', 2r + 1, stride=r, padding=r)``, ReLU,
+- image to image, ``(B, C, H, W) -> (B, C', H', W')``: ``Conv2d(C, C', 2r + 1, stride=r, padding=r, bias=False)``, GroupNorm, ReLU,
   ``Conv2d(C', C', 1)`` with ``r = H // H'`` (an adaptive average pool fixes sizes that ``r`` does not divide);
 - anything else with a floating-point input: flatten, ``Linear(numel(x), numel(z))``, unflatten (for flat
   features, ``(B, F) -> (B, F')``, this is one linear layer).
@@ -52,7 +52,8 @@ def default_aux_net(
         channels = z.shape[1]
         ratio = max(1, x.shape[2] // z.shape[2])
         layers: list[nn.Module] = [
-            nn.Conv2d(x.shape[1], channels, 2 * ratio + 1, stride=ratio, padding=ratio),
+            # no bias before the norm: it would get only rounding noise as gradient (Adam turns that into steps)
+            nn.Conv2d(x.shape[1], channels, 2 * ratio + 1, stride=ratio, padding=ratio, bias=False),
             nn.GroupNorm(math.gcd(8, channels), channels),
             nn.ReLU(),
             nn.Conv2d(channels, channels, 1),

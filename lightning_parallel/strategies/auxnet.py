@@ -77,6 +77,7 @@ class AuxNetStrategy(LocalLearningStrategy):
 
     strategy_name = "auxnet"
     checkpoint_key = "auxnet"
+    companions_attribute = AUX_NETS_ATTRIBUTE
 
     def __init__(
         self,
@@ -222,11 +223,6 @@ class AuxNetStrategy(LocalLearningStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        state = super().lightning_module_state_dict()
-        return {key: value for key, value in state.items() if not key.startswith(AUX_NETS_ATTRIBUTE + ".")}
-
-    @override
     def checkpoint_metadata(self) -> dict[str, Any]:
         nets = getattr(self.lightning_module, AUX_NETS_ATTRIBUTE, None)
         return {
@@ -252,22 +248,7 @@ class AuxNetStrategy(LocalLearningStrategy):
         return merged
 
     @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        if module is None:
-            return
-        result = module.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith(AUX_NETS_ATTRIBUTE + ".")]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"The checkpoint does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
-                f"{result.unexpected_keys}."
-            )
-        saved = checkpoint.get(self.checkpoint_key)
-        nets = getattr(module, AUX_NETS_ATTRIBUTE, None)
-        if saved is None or nets is None:
-            return
-        # written with the same stages: PipelineStrategy.load_checkpoint refuses others
-        nets.load_state_dict(saved["aux_nets"])
-        if self.runtime is not None and saved.get("runtime"):
-            self.runtime.load_state_dict(saved["runtime"])
+    def load_companions(self, companions: nn.Module, metadata: Mapping[str, Any]) -> None:
+        companions.load_state_dict(metadata["aux_nets"])
+        if self.runtime is not None and metadata.get("runtime"):
+            self.runtime.load_state_dict(metadata["runtime"])

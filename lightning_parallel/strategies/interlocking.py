@@ -94,6 +94,7 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
 
     strategy_name = "interlocking"
     checkpoint_key = "interlocking"
+    companions_attribute = HEADS_ATTRIBUTE
 
     def __init__(
         self,
@@ -228,11 +229,6 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        state = super().lightning_module_state_dict()
-        return {key: value for key, value in state.items() if not key.startswith(HEADS_ATTRIBUTE + ".")}
-
-    @override
     def checkpoint_metadata(self) -> dict[str, Any]:
         heads = getattr(self.lightning_module, HEADS_ATTRIBUTE, None)
         return {
@@ -244,20 +240,5 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         }
 
     @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        if module is None:
-            return
-        result = module.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith(HEADS_ATTRIBUTE + ".")]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"The checkpoint does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
-                f"{result.unexpected_keys}."
-            )
-        saved = checkpoint.get("interlocking")
-        heads = getattr(module, HEADS_ATTRIBUTE, None)
-        if saved is not None and heads is not None:
-            # Written with the same stages: PipelineStrategy.load_checkpoint refuses others.
-            heads.load_state_dict(saved["heads"])
-
+    def load_companions(self, companions: nn.Module, metadata: Mapping[str, Any]) -> None:
+        companions.load_state_dict(metadata["heads"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,10 @@ from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartM
 class LocalLearningStrategy(PipelineStrategy):
     """Base of the pipeline strategies trained by local losses, without a flush between steps.
 
+    The modules a subclass adds to the LightningModule for training (auxiliary heads, auxiliary networks) live
+    under the submodule :attr:`companions_attribute`; they are left out of ``state_dict`` (so a checkpoint
+    loads into the plain module) and saved in the checkpoint's metadata instead.
+
     Args:
         stages: number of stages S; ``None`` uses one per process.
         micro_batches: micro-batches per optimizer step. Default 4.
@@ -48,6 +52,9 @@ class LocalLearningStrategy(PipelineStrategy):
         start_method: process launch, as for :class:`PipelineStrategy`.
         **kwargs: passed to :class:`PipelineStrategy`.
     """
+
+    companions_attribute: ClassVar[str] = "pipeline_companions"
+    """The submodule of the LightningModule holding the heads or auxiliary networks (not in ``state_dict``)."""
 
     def __init__(
         self,
@@ -221,6 +228,34 @@ class LocalLearningStrategy(PipelineStrategy):
         for part in gathered:
             merged.update(part)
         return {"state": dict(sorted(merged.items())), "param_groups": state["param_groups"]}
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()
+        prefix = self.companions_attribute + "."
+        return {key: value for key, value in state.items() if not key.startswith(prefix)}
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        if module is None:
+            return
+        result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith(self.companions_attribute + ".")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"The checkpoint does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
+                f"{result.unexpected_keys}."
+            )
+        saved = checkpoint.get(self.checkpoint_key)
+        companions = getattr(module, self.companions_attribute, None)
+        if saved is not None and companions is not None:
+            # written with the same stages: PipelineStrategy.load_checkpoint refuses others
+            self.load_companions(companions, saved)
+
+    def load_companions(self, companions: nn.Module, metadata: Mapping[str, Any]) -> None:
+        """Restore the heads or auxiliary networks (and anything else) from ``checkpoint[checkpoint_key]``."""
 
 
 def _one_step_late(queue: list[tuple[Any, Tensor]], handle: Any, tensor: Tensor, late: bool) -> Tensor | None:
