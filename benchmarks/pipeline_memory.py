@@ -64,6 +64,7 @@ VOCAB = 128
 BLOCK_SIZE = 64
 RUNS = ("one-process", "ddp", "1f1b", "chimera", "chimera-zb", "gpipe", "torch-1f1b")
 BIG_RUNS = ("1f1b", "chimera")
+_IMPLS = {"one-process": "lightning", "ddp": "lightning.DDPStrategy", "torch-1f1b": "torch.distributed.pipelining"}
 
 
 def _rss_peak_bytes() -> int:
@@ -133,12 +134,11 @@ def _torch_run(rank: int, config: dict[str, Any]) -> tuple[list[Tensor], list[Te
         model = GPTLanguageModel(**_model_kwargs(config))
     blocks = list(model.blocks)
     sizes = partition_blocks(blocks, STAGES, "parameters")
-    stage_module = nn.Sequential(*blocks[stage_slices(sizes)[rank]])
+    held = stage_slices(sizes)[rank]
+    stage_module = nn.Sequential(*blocks[held])
     stage_module.to_empty(device="cpu")
-    stage_module.apply(GPTLanguageModel._init_weights)
-    for module in stage_module.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.reset_parameters()
+    for index, block in zip(range(held.start, held.stop), stage_module):
+        model.pipeline_init_weights(index, block)
     stage = PipelineStage(stage_module, rank, STAGES, torch.device("cpu"))
 
     def loss_fn(output: Tensor, target: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def measure(run: str, config: dict[str, Any]) -> dict[str, Any]:
     per_rank = {"one-process": 1.0, "ddp": 1.0, "chimera": 2 / STAGES, "chimera-zb": 2 / STAGES}.get(run, 1 / STAGES)
     return {
         "run": run,
-        "impl": "torch.distributed.pipelining" if run.startswith("torch") else "lightning_parallel",
+        "impl": _IMPLS.get(run, "lightning_parallel.ChimeraStrategy"),
         "stages": 1 if run in ("one-process", "ddp") else STAGES,
         "parameter_bytes_per_rank": max(r["parameter_bytes"] for r in ranks),
         "ideal_parameter_bytes_per_rank": int(total * per_rank),
@@ -239,10 +239,10 @@ def _available_gib() -> float:
 def _print(records: list[dict[str, Any]], title: str) -> None:
     mib = 2**20
     print(title)
-    print(f"{'run':<12}{'impl':<30}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
+    print(f"{'run':<12}{'impl':<36}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
     for r in records:
         ratio = r["parameter_bytes_per_rank"] / r["ideal_parameter_bytes_per_rank"]
-        print(f"{r['run']:<12}{r['impl']:<30}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
+        print(f"{r['run']:<12}{r['impl']:<36}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
               f"{r['ideal_parameter_bytes_per_rank'] / mib:>10.1f}{ratio:>8.2f}"
               f"{r['optimizer_state_bytes_per_rank'] / mib:>10.1f}{r['peak_rss_above_baseline_bytes'] / mib:>13.1f}")
 
