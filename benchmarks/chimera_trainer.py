@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
 
+from lightning_parallel.pipeline.groups import build_pipeline_groups
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.pipeline.partition import partition_blocks, stage_costs, stage_slices
-from lightning_parallel.pipeline.protocol import split_batch
-from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
+from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import build_schedule
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 
@@ -197,7 +198,7 @@ def engine_run(block_seconds: list[float], schedule_kind: str, steps: int, warmu
             start = time.perf_counter()
         batch = data[step * N * MICRO : (step + 1) * N * MICRO]
         optimizer.zero_grad(set_to_none=True)
-        loss = runtime.train_step(split_batch(batch, N))
+        loss = runtime.train_step(split_micro_batches(batch, N))
         dist.all_reduce(loss.detach().clone(), group=groups.pipeline_group)
         optimizer.step()
     seconds = _max_over_ranks(time.perf_counter() - start)

@@ -215,7 +215,8 @@ def _measure(
         for _ in range(steps + warmup)
     ]
     if kind == "e2e":
-        from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
+        from lightning_parallel.pipeline.groups import build_pipeline_groups
+        from lightning_parallel.pipeline.runtime import PipelineRuntime
         from lightning_parallel.pipeline.schedule import build_schedule
 
         stage: nn.Module = _SleepStage(features, unit)

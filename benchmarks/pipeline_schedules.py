@@ -39,8 +39,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
-from lightning_parallel.pipeline.schedule import build_schedule, simulate
+from lightning_parallel.pipeline.groups import build_pipeline_groups
+from lightning_parallel.pipeline.runtime import PipelineRuntime
+from lightning_parallel.pipeline.schedule import build_schedule
+from lightning_parallel.pipeline.simulate import simulate
 from lightning_parallel.pipeline.timeline import gather_traces, render_text
 
 OURS = ("gpipe", "1f1b", "chimera", "chimera-zb")

@@ -3,22 +3,39 @@
 ``lightning-parallel fit --config configs/quickstart.yaml`` trains; ``validate``, ``test`` and ``predict``
 work as in any LightningCLI. ``lightning-parallel schedule ...`` draws a pipeline schedule without training.
 
-Errors in the user's input (a missing config file, an unknown ``class_path``, a value of the wrong type) are
-reported as one paragraph that names the file or key and says what would work, with exit code 2, instead of
-a stack trace.
+Errors in the user's input (a missing config file, an unknown ``class_path``, a value of the wrong type, a
+value one of the config's constructors refuses, a missing or truncated ``--ckpt_path``) are reported as one
+paragraph that names the file, key or argument and says what would work, with exit code 2, instead of a
+stack trace. Errors raised while training keep their traceback. ``LIGHTNING_PARALLEL_TRACEBACK=1`` re-raises
+a refused constructor value with its traceback (for debugging a constructor itself).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import pickle
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_parallel  # noqa: F401 - registers the strategies' short names
-from lightning_parallel.cli_errors import check_config_files, condense, fail
+from lightning_parallel.cli_errors import (
+    USER_ERRORS,
+    ConstructorErrors,
+    check_ckpt_path,
+    check_config_files,
+    condense,
+    constructor_message,
+    fail,
+)
+from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, build_schedule
+from lightning_parallel.pipeline.simulate import simulate
+from lightning_parallel.pipeline.timeline import describe, render_png, render_text, schedule_timeline
 
 DESCRIPTION = """\
 lightning-parallel: PyTorch Lightning plugins for faster, leaner training.
@@ -40,11 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-parallel`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "schedule":
-        from lightning_parallel.pipeline.timeline import schedule_command
-
         raise SystemExit(schedule_command(args[1:]))
     _ArgumentParser.config_files = check_config_files(args)
-    LightningCLI(
+    _CLI(
         parser_class=_ArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -52,6 +67,122 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser_kwargs={"prog": "lightning-parallel", "description": DESCRIPTION, "formatter_class": _raw_formatter()},
         args=None if argv is None else args,
     )
+
+
+def schedule_command(argv: list[str] | None = None) -> int:
+    """``lightning-parallel schedule``: print a schedule's grid, bubble ratio and memory per rank.
+
+    Args:
+        argv: the arguments after ``schedule`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on bad arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-parallel schedule",
+        description="Draw a pipeline schedule and print the cost model's bubble ratio and memory per rank.",
+    )
+    parser.add_argument("--kind", choices=SCHEDULE_KINDS, default="chimera", help="the schedule")
+    parser.add_argument("--stages", type=int, default=4, help="pipeline stages D (= ranks)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=None, help="micro-batches N per step (default: D)"
+    )
+    parser.add_argument("--forward-doubling", action="store_true", help="Chimera: two forwards per slot")
+    parser.add_argument("--forward", type=float, default=1.0, help="forward time of one micro-batch")
+    parser.add_argument(
+        "--backward", type=float, default=2.0, help="backward time (split evenly into I and W)"
+    )
+    parser.add_argument("--transfer", type=float, default=0.0, help="time of one hand-off between ranks")
+    parser.add_argument(
+        "--first-stage-without-input-gradient",
+        action="store_true",
+        help="the first stage's input needs no gradient: its whole backward is weight-gradient work "
+        "(chimera-zb orders for it)",
+    )
+    parser.add_argument("--png", default=None, help="also draw the timeline into this PNG file (plot extra)")
+    args = parser.parse_args(argv)
+    try:
+        micro_batches = args.micro_batches if args.micro_batches is not None else args.stages
+        no_input_gradient = args.first_stage_without_input_gradient
+        extra = (
+            {"first_stage_input_gradient": False} if no_input_gradient and args.kind == "chimera-zb" else {}
+        )
+        schedule = build_schedule(
+            args.kind, args.stages, micro_batches, forward_doubling=args.forward_doubling, **extra
+        )
+        costs: dict[str, list[float]] = {}
+        if no_input_gradient and args.stages > 1:
+            half = args.backward / 2
+            costs = {
+                "backward_input": [0.0] + [half] * (args.stages - 1),
+                "backward_weight": [args.backward] + [half] * (args.stages - 1),
+            }
+        result = simulate(
+            schedule, forward=args.forward, backward=args.backward, transfer=args.transfer, **costs
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    timeline = schedule_timeline(schedule, result)
+    print(render_text(timeline))
+    print(describe(schedule, result))
+    if args.png:
+        try:
+            render_png(
+                timeline, args.png, title=f"{schedule.kind} D={schedule.stages} N={schedule.micro_batches}"
+            )
+        except ModuleNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.png}")
+    return 0
+
+
+class _CLI(LightningCLI):
+    """LightningCLI whose refused constructor values and bad ``--ckpt_path`` end in one paragraph, exit 2."""
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        self.constructor_errors = ConstructorErrors()
+        # LightningCLI's own instantiators (model, data) stay in front; ours builds every other class
+        registered = getattr(self.parser, "_instantiators", None)
+        if isinstance(registered, dict):
+            for key, instantiator in list(registered.items()):
+                registered[key] = self.constructor_errors.wrap(instantiator)
+        self.parser.add_instantiator(self.constructor_errors.wrap(_build), object, subclasses=True)
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except _REFUSED as err:
+            if os.environ.get("LIGHTNING_PARALLEL_TRACEBACK") == "1":
+                raise
+            failure = self.constructor_errors.first()
+            source = f" (from {', '.join(_ArgumentParser.config_files)})" if _ArgumentParser.config_files else ""
+            if failure is not None:
+                fail(constructor_message(failure[0], failure[1]) + source)
+            # the Trainer itself (built directly, not by jsonargparse) refused a combination
+            fail(f"Trainer: {condense(str(err))}{source}")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before anything else touches the file
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        check_ckpt_path(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            fail(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({first}).")
+
+
+_REFUSED: tuple[type[Exception], ...] = (*USER_ERRORS, MisconfigurationException)
+
+
+def _build(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    return class_type(*args, **kwargs)
 
 
 class _ArgumentParser(LightningArgumentParser):

@@ -1,4 +1,8 @@
-"""Fixtures shared by every test: environment variables restored and process groups torn down."""
+"""Fixtures shared by every test: environment variables restored and process groups torn down.
+
+Tests marked ``@pytest.mark.slow`` (long multi-process runs, exhaustive sweeps) are skipped unless
+``--run-slow`` is given or ``LP_RUN_SLOW=1`` is set, so the default suite (what CI runs) stays fast.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,19 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("LP_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or LP_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def _restoring_environment() -> Iterator[None]:

@@ -43,6 +43,7 @@ from typing_extensions import override
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
 from lightning_parallel.kfac.options import Fisher
 from lightning_parallel.strategies.chimera import ChimeraStrategy
+from lightning_parallel.strategies.pipeline_base import PipelineStrategy
 
 
 class DPKFAC(Callback):
@@ -150,7 +151,7 @@ class DPKFAC(Callback):
     ) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, ChimeraStrategy) and self.preconditioner is None:
-            strategy._ensure_pipeline(batch)  # partition="profile" builds the pipeline at the first batch
+            strategy.trained_stages(batch)  # partition="profile" builds the pipeline at the first batch
             self._build_pipeline(strategy)
 
     def _build_pipeline(self, strategy: ChimeraStrategy) -> None:
@@ -247,7 +248,7 @@ def check_strategy(strategy: Any, world_size: int) -> None:
     name = type(strategy).__name__
     if isinstance(strategy, ChimeraStrategy):
         return
-    if type(strategy).__module__.startswith("lightning_parallel.strategies"):
+    if isinstance(strategy, PipelineStrategy):
         raise ValueError(
             f"`strategy={name}` is not supported by DPKFAC: its stages are trained on local losses. Use"
             " strategy='ddp', ChimeraStrategy (or one device) when using DPKFAC."

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_parallel.kfac.layer import KFACLayer
+from lightning_parallel.utils.flat import flat_collective
 
 
 class Communicator:
@@ -42,10 +43,8 @@ class Communicator:
         """
         if self.world_size == 1 or not tensors:
             return list(tensors)
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.bytes_communicated += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, group=self.group)
-        return self._unpack(flat, tensors)
+        self.bytes_communicated += sum(t.numel() for t in tensors) * tensors[0].element_size()
+        return flat_collective(tensors, lambda flat: dist.all_reduce(flat, group=self.group))
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> list[torch.Tensor]:
         """Broadcasts tensors from ``src`` with one broadcast of a packed buffer.
@@ -59,19 +58,9 @@ class Communicator:
         """
         if self.world_size == 1 or not tensors:
             return list(tensors)
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.bytes_communicated += flat.numel() * flat.element_size()
+        self.bytes_communicated += sum(t.numel() for t in tensors) * tensors[0].element_size()
         global_src = src if self.group is None else dist.get_global_rank(self.group, src)
-        dist.broadcast(flat, src=global_src, group=self.group)
-        return self._unpack(flat, tensors)
-
-    @staticmethod
-    def _unpack(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for t in like:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
+        return flat_collective(tensors, lambda flat: dist.broadcast(flat, src=global_src, group=self.group))
 
 
 def or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch import nn
 
 from lightning_parallel.pipeline.interlocking import InterlockingPlan, stages_of_rank
 from lightning_parallel.pipeline.interlocking_stage import InterlockingStage, LossFn, SimulatedCost
-from lightning_parallel.pipeline.protocol import batch_size
+from lightning_parallel.pipeline.micro_batches import batch_size
 
 _FORWARD, _EARLY, _LATE, _EVAL = 0, 1, 2, 3
 MetricsFn = Callable[[torch.Tensor, Any], Mapping[str, torch.Tensor]]

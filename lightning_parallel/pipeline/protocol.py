@@ -13,7 +13,8 @@ Vocabulary (used across the package):
 
 - *block*: one entry of :meth:`pipeline_blocks`; the output of block i is the input of block i+1.
 - *stage*: a contiguous run of blocks placed on one rank.
-- *micro-batch*: a slice of the batch along dimension 0 of every tensor in it.
+- *micro-batch*: a slice of the batch along dimension 0 of every tensor in it (cut by
+  :mod:`lightning_parallel.pipeline.micro_batches`).
 - *replica*: one copy of the whole pipeline (Chimera runs two, "down" and "up").
 
 Optional hooks:
@@ -82,51 +83,3 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = block(x)
     return x
-
-
-def split_batch(batch: Any, chunks: int) -> list[Any]:
-    """Split every tensor of ``batch`` into ``chunks`` equal micro-batches along dimension 0.
-
-    Tuples, lists and dicts are split element-wise; non-tensor leaves are repeated.
-
-    Raises:
-        ValueError: if the batch size is not divisible by ``chunks``.
-    """
-    size = batch_size(batch)
-    if chunks < 1 or size % chunks != 0:
-        raise ValueError(
-            f"A batch of {size} examples cannot be split into micro_batches={chunks} equal parts; "
-            f"use a batch size that is a multiple of {chunks}."
-        )
-    return [_slice(batch, i * (size // chunks), (i + 1) * (size // chunks)) for i in range(chunks)]
-
-
-def batch_size(batch: Any) -> int:
-    """The size of dimension 0 of the first tensor found in ``batch``."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        for value in batch.values():
-            try:
-                return batch_size(value)
-            except TypeError:
-                continue
-    if isinstance(batch, (list, tuple)):
-        for value in batch:
-            try:
-                return batch_size(value)
-            except TypeError:
-                continue
-    raise TypeError(f"Found no tensor in a batch of type {type(batch).__name__}.")
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, dict):
-        return {key: _slice(value, start, stop) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_slice(value, start, stop) for value in batch)
-    if isinstance(batch, list):
-        return [_slice(value, start, stop) for value in batch]
-    return batch

@@ -40,10 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_parallel.pipeline.groups import PipelineGroups, build_pipeline_groups
+from lightning_parallel.pipeline.groups import PipelineGroups
 from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule
+from lightning_parallel.utils.flat import flatten, unflatten
 
-__all__ = ["PipelineGroups", "PipelineRuntime", "build_pipeline_groups"]
+__all__ = ["PipelineRuntime"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
 _HEADER = 16  # dtype code, ndim, up to 14 dims
@@ -320,7 +321,7 @@ class PipelineRuntime:
     def _start_all_reduce(self, module: nn.Module, stage: int) -> tuple[Any, Tensor, list[nn.Parameter], int]:
         params = [p for p in module.parameters() if p.requires_grad]
         flat = (
-            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
             if params
             else torch.zeros(1, device=self.device)
         )
@@ -329,11 +330,8 @@ class PipelineRuntime:
 
     @staticmethod
     def _unflatten(flat: Tensor, params: list[nn.Parameter]) -> None:
-        offset = 0
-        for p in params:
-            chunk = flat[offset : offset + p.numel()].view_as(p)
+        for p, chunk in zip(params, unflatten(flat, params)):
             if p.grad is None:
                 p.grad = chunk.clone()
             else:
                 p.grad.copy_(chunk)
-            offset += p.numel()

@@ -435,18 +435,14 @@ def execution_order(schedule: Schedule) -> list[Action]:
     return out
 
 
-from lightning_parallel.pipeline.simulate import SimulationResult, simulate  # noqa: E402
-
 __all__ = [
     "SCHEDULE_KINDS",
     "Action",
     "ActionKind",
     "Schedule",
-    "SimulationResult",
     "build_schedule",
     "dependencies",
     "execution_order",
     "list_schedule",
-    "simulate",
     "validate_schedule",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule, dependencies, execution_order
+
 Cost = float | Sequence[float]
 
 
@@ -133,12 +135,3 @@ def peak_activations(order: Sequence[Action]) -> int:
             held -= 1
     return peak
 
-
-# At the bottom: ``schedule`` re-exports this module's names, so either module may be imported first.
-from lightning_parallel.pipeline.schedule import (  # noqa: E402
-    Action,
-    ActionKind,
-    Schedule,
-    dependencies,
-    execution_order,
-)

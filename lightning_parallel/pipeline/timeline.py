@@ -7,19 +7,17 @@ Text cells: forwards are ``F``, backwards ``B``, input- and weight-gradient work
 the micro-batch; the up replica of Chimera uses lower case (``f3``, ``b3``) like the papers' two colours.
 Idle time is ``.``. One column is one ``quantum`` of time (the shortest action by default).
 
-``schedule_command`` is the ``lightning-parallel schedule`` subcommand. This module imports no Lightning;
-matplotlib is imported only when a PNG is asked for.
+The ``lightning-parallel schedule`` subcommand that prints these lives in :mod:`lightning_parallel.cli`. This
+module imports no Lightning; matplotlib is imported only when a PNG is asked for.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Action, ActionKind, Schedule, build_schedule
-from lightning_parallel.pipeline.simulate import SimulationResult, simulate
+from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule
+from lightning_parallel.pipeline.simulate import SimulationResult
 
 Timeline = Sequence[Sequence[tuple[Action, float, float]]]
 
@@ -160,76 +158,3 @@ def describe(schedule: Schedule, result: SimulationResult) -> str:
         f"makespan {result.makespan:g}  efficiency {result.efficiency:.3f}  bubble ratio {result.bubble_ratio:.3f}\n"
         f"peak stored activations per rank (micro-batches): [{peaks}]"
     )
-
-
-def schedule_command(argv: list[str] | None = None) -> int:
-    """``lightning-parallel schedule``: print a schedule's grid, bubble ratio and memory per rank.
-
-    Args:
-        argv: the arguments after ``schedule`` (default: ``sys.argv[1:]``).
-
-    Returns:
-        0 on success, 2 on bad arguments.
-    """
-    parser = argparse.ArgumentParser(
-        prog="lightning-parallel schedule",
-        description="Draw a pipeline schedule and print the cost model's bubble ratio and memory per rank.",
-    )
-    parser.add_argument("--kind", choices=SCHEDULE_KINDS, default="chimera", help="the schedule")
-    parser.add_argument("--stages", type=int, default=4, help="pipeline stages D (= ranks)")
-    parser.add_argument(
-        "--micro-batches", type=int, default=None, help="micro-batches N per step (default: D)"
-    )
-    parser.add_argument("--forward-doubling", action="store_true", help="Chimera: two forwards per slot")
-    parser.add_argument("--forward", type=float, default=1.0, help="forward time of one micro-batch")
-    parser.add_argument(
-        "--backward", type=float, default=2.0, help="backward time (split evenly into I and W)"
-    )
-    parser.add_argument("--transfer", type=float, default=0.0, help="time of one hand-off between ranks")
-    parser.add_argument(
-        "--first-stage-without-input-gradient",
-        action="store_true",
-        help="the first stage's input needs no gradient: its whole backward is weight-gradient work "
-        "(chimera-zb orders for it)",
-    )
-    parser.add_argument("--png", default=None, help="also draw the timeline into this PNG file (plot extra)")
-    args = parser.parse_args(argv)
-    try:
-        micro_batches = args.micro_batches if args.micro_batches is not None else args.stages
-        no_input_gradient = args.first_stage_without_input_gradient
-        extra = (
-            {"first_stage_input_gradient": False} if no_input_gradient and args.kind == "chimera-zb" else {}
-        )
-        schedule = build_schedule(
-            args.kind, args.stages, micro_batches, forward_doubling=args.forward_doubling, **extra
-        )
-        costs: dict[str, list[float]] = {}
-        if no_input_gradient and args.stages > 1:
-            half = args.backward / 2
-            costs = {
-                "backward_input": [0.0] + [half] * (args.stages - 1),
-                "backward_weight": [args.backward] + [half] * (args.stages - 1),
-            }
-        result = simulate(
-            schedule, forward=args.forward, backward=args.backward, transfer=args.transfer, **costs
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    timeline = schedule_timeline(schedule, result)
-    print(render_text(timeline))
-    print(describe(schedule, result))
-    if args.png:
-        try:
-            render_png(
-                timeline, args.png, title=f"{schedule.kind} D={schedule.stages} N={schedule.micro_batches}"
-            )
-        except ModuleNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.png}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(schedule_command())

@@ -18,10 +18,8 @@ from lightning_parallel.quantization.fake_quantize import (
     quant_range,
     quantize,
 )
-from lightning_parallel.quantization.qat_conv2d import QATConv2d
-from lightning_parallel.quantization.qat_linear import QATLinear
-from lightning_parallel.quantization.quantized_conv2d import QuantizedConv2d
-from lightning_parallel.quantization.quantized_linear import QuantizedLinear
+from lightning_parallel.quantization.qat_layers import QATConv2d, QATLinear
+from lightning_parallel.quantization.quantized_layers import QuantizedConv2d, QuantizedLinear
 from lightning_parallel.quantization.state import load_quantizer_state_dict, quantizer_state_dict
 from lightning_parallel.quantization.weight_quantizer import WeightFakeQuantizer
 

@@ -18,8 +18,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from lightning_parallel.quantization.fake_quantize import quant_range
-from lightning_parallel.quantization.qat_conv2d import QATConv2d
-from lightning_parallel.quantization.qat_linear import QATLinear
+from lightning_parallel.quantization.qat_layers import QATConv2d, QATLinear
 
 QAT_LAYERS = (QATLinear, QATConv2d)
 

@@ -8,10 +8,8 @@ import torch
 from torch import nn
 
 from lightning_parallel.quantization.convert import replace_layers
-from lightning_parallel.quantization.qat_conv2d import QATConv2d
-from lightning_parallel.quantization.qat_linear import QATLinear
-from lightning_parallel.quantization.quantized_conv2d import QuantizedConv2d
-from lightning_parallel.quantization.quantized_linear import QuantizedLinear
+from lightning_parallel.quantization.qat_layers import QATConv2d, QATLinear
+from lightning_parallel.quantization.quantized_layers import QuantizedConv2d, QuantizedLinear
 from lightning_parallel.quantization.quantized_weight import QuantizedWeight
 
 

@@ -1,45 +1,67 @@
 """The per-rank state of a pipeline strategy: held stages, their optimizer slice, steps and reductions.
 
 Kept apart from :mod:`lightning_parallel.strategies.chimera` so that the strategy file stays a thin
-Lightning adapter. Every collective here runs on every rank in the same order.
+Lightning adapter; it gets the job's shape (micro-batches, replicas, device, timeout) at construction and
+knows nothing of the strategy. Every collective here runs on every rank in the same order.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_parallel.pipeline.groups import PipelineGroups
+from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
 from lightning_parallel.pipeline.partition import stage_slices
-from lightning_parallel.pipeline.protocol import _slice, batch_size, split_batch
-from lightning_parallel.pipeline.runtime import PipelineGroups, PipelineRuntime
+from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
+from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import Schedule
 from lightning_parallel.strategies._pipeline_checkpoint import HeldParameter, module_tensors
-
-if TYPE_CHECKING:
-    import lightning.pytorch as pl
-
-    from lightning_parallel.strategies.chimera import ChimeraStrategy
+from lightning_parallel.strategies.set_aside import SetAsideGradients
+from lightning_parallel.utils.flat import flatten, unflatten
 
 
 class PipelineSteps:
     """This rank's stages of one pipeline and the training/evaluation steps over them.
 
     Args:
-        strategy: the owning strategy (for its shape, device and trainer).
         module: the LightningModule that implements the pipeline protocol.
+        set_aside: where a training step's gradients wait for ``backward``.
+        micro_batches: N, the micro-batches of every step.
+        replicas: the number of pipeline replicas whose gradients are averaged.
+        device: where losses and reductions live (the strategy's root device).
+        timeout_s: how long a pipeline transfer may wait, in seconds.
     """
 
-    def __init__(self, strategy: ChimeraStrategy, module: pl.LightningModule) -> None:
-        self.strategy = strategy
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        set_aside: SetAsideGradients,
+        *,
+        micro_batches: int,
+        replicas: int,
+        device: torch.device,
+        timeout_s: float,
+    ) -> None:
+        if not isinstance(module, PipelineProtocol):
+            check_pipeline_protocol(module, who="PipelineSteps")
+            raise TypeError(f"{type(module).__name__} does not implement the pipeline protocol.")
         self.module = module
-        self.blocks: list[nn.Module] = list(module.pipeline_blocks())  # type: ignore[operator]
+        self.hooks: PipelineProtocol = module
+        self.set_aside = set_aside
+        self.micro_batches = micro_batches
+        self.replicas = replicas
+        self.device = device
+        self.timeout_s = timeout_s
+        self.blocks: list[nn.Module] = list(self.hooks.pipeline_blocks())
         self.schedule: Schedule | None = None
         self.groups: PipelineGroups | None = None
         self.runtime: PipelineRuntime | None = None
@@ -51,7 +73,6 @@ class PipelineSteps:
         self.held: list[list[HeldParameter]] = []
         self.full_groups: list[list[list[int]]] = []
         self.localised = False
-        self._fresh_grads: list[Tensor | None] | None = None
         self._records: list[tuple[int, dict[str, Tensor]]] | None = None
         self._metric_names: dict[str, list[str]] = {}
         self._weights: dict[int, float] = {}
@@ -79,10 +100,10 @@ class PipelineSteps:
             schedule,
             groups,
             self.stage_modules,
-            self.module.pipeline_input,  # type: ignore[arg-type]
+            self.hooks.pipeline_input,
             self._loss,
-            timeout_s=self.strategy.timeout_s,
-            device=self.strategy.root_device,
+            timeout_s=self.timeout_s,
+            device=self.device,
         )
 
     def _check_blocks(self, slices: Sequence[slice]) -> None:
@@ -105,12 +126,12 @@ class PipelineSteps:
                 f"{type(self.module).__name__} has parameters outside pipeline_blocks() ({', '.join(outside[:3])}"
                 f"{', ...' if len(outside) > 3 else ''}); pipeline strategies do not train them."
             )
-        if self.strategy.num_micro_batches > 1 and any(
+        if self.micro_batches > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for block in self.blocks for m in block.modules()
         ):
             rank_zero_warn(
                 "BatchNorm inside pipeline stages normalises each micro-batch on its own (statistics over "
-                f"batch/{self.strategy.num_micro_batches} examples), so results differ from full-batch training; "
+                f"batch/{self.micro_batches} examples), so results differ from full-batch training; "
                 "use GroupNorm/LayerNorm, or micro_batches=1, for exact equivalence."
             )
 
@@ -153,7 +174,7 @@ class PipelineSteps:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, output: Tensor, micro_batch: Any) -> Tensor:
-        loss: Tensor = self.module.pipeline_loss(output, micro_batch)  # type: ignore[operator]
+        loss: Tensor = self.hooks.pipeline_loss(output, micro_batch)
         weight = self._weights.get(id(micro_batch), 1.0)
         if weight != 1.0:
             # Unequal micro-batches: the runtime averages N losses, so weigh each by N * size / batch size.
@@ -175,23 +196,18 @@ class PipelineSteps:
         if self.runtime is None:
             raise RuntimeError("The pipeline is not built.")
         self._sync_modes()
-        n = self.strategy.num_micro_batches
-        micro_batches = split_evenly(batch, n)
+        runtime = self.runtime
+        n = self.micro_batches
+        micro_batches = split_micro_batches(batch, n)
         size = batch_size(batch)
         self._weights = {id(mb): batch_size(mb) * n / size for mb in micro_batches}
-        saved = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
         self._records = []
         try:
-            local_loss = self.runtime.train_step(micro_batches)
+            local_loss = self.set_aside.compute(self.params, lambda: runtime.train_step(micro_batches))
         finally:
             records, self._records = self._records, None
-            self._fresh_grads = [p.grad for p in self.params]
-            for p, grad in zip(self.params, saved):
-                p.grad = grad
         self._weights = {}
-        dp = self.strategy.data_parallel_size
+        dp = self.replicas
         names = self._names("train", records)
         # [loss, metric sums..., examples] summed over every rank: one all-reduce per step.
         sums = [float(local_loss.detach()) / dp] + [0.0] * len(names)
@@ -199,37 +215,25 @@ class PipelineSteps:
             for i, name in enumerate(names):
                 sums[1 + i] += float(values[name]) * examples / (size * dp)
         totals = self._all_reduce(sums)
-        loss = torch.tensor(totals[0], device=self.strategy.root_device)
+        loss = torch.tensor(totals[0], device=self.device)
         self.module.log("train_loss", loss, prog_bar=True, batch_size=size * dp)
         for i, name in enumerate(names):
             self.module.log(f"train_{name}", totals[1 + i], prog_bar=True, batch_size=size * dp)
         return loss
 
-    def install_gradients(self) -> None:
-        """Add the step's gradients (averaged over pipeline replicas, scaled for accumulation) to ``.grad``."""
-        fresh = self._fresh_grads
-        self._fresh_grads = None
-        if fresh is None:
+    def reduce_replicas(self) -> None:
+        """Sum the set-aside gradients over the pipeline replicas (one flat all-reduce; a no-op for one)."""
+        if self.replicas <= 1 or self.groups is None:
             return
-        trainer = self.module.trainer
-        scale = 1.0 / max(1, int(trainer.accumulate_grad_batches))
-        dp = self.strategy.data_parallel_size
-        if dp > 1 and self.groups is not None:
-            dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(self.params, fresh)]
-            flat = torch.cat([g.reshape(-1) for g in dense]) if dense else torch.zeros(0)
-            dist.all_reduce(flat, group=self.groups.data_parallel_group)  # one all-reduce per step
-            scale /= dp
-            offset = 0
-            reduced: list[Tensor | None] = []
-            for g in dense:
-                reduced.append(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            fresh = reduced
-        for p, grad in zip(self.params, fresh):
-            if grad is None:
-                continue
-            grad = grad * scale if scale != 1.0 else grad
-            p.grad = grad if p.grad is None else p.grad + grad
+        group = self.groups.data_parallel_group
+
+        def all_reduce(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+            dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+            flat = flatten(dense) if dense else torch.zeros(0)
+            dist.all_reduce(flat, group=group)  # one all-reduce per step
+            return list(unflatten(flat, dense))
+
+        self.set_aside.reduce(all_reduce)
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """Scale this rank's gradients so that the norm over all stages (each counted once) is <= max_norm."""
@@ -248,7 +252,7 @@ class PipelineSteps:
         if self.runtime is None:
             raise RuntimeError("The pipeline is not built.")
         self._sync_modes()
-        micro_batches = split_evenly(batch, self.strategy.num_micro_batches)
+        micro_batches = split_micro_batches(batch, self.micro_batches)
         records: list[tuple[int, dict[str, Tensor]]] = []
         metrics_fn = getattr(self.module, "pipeline_metrics", None)
         with torch.no_grad():
@@ -257,7 +261,7 @@ class PipelineSteps:
                 if callable(metrics_fn):
                     metrics = metrics_fn(output, micro_batch)
                 else:
-                    metrics = {"loss": self.module.pipeline_loss(output, micro_batch)}  # type: ignore[operator]
+                    metrics = {"loss": self.hooks.pipeline_loss(output, micro_batch)}
                 records.append((batch_size(micro_batch), {k: v.detach().float() for k, v in metrics.items()}))
         names = self._names(split, records)
         sums = [0.0] * (len(names) + 1)
@@ -271,11 +275,11 @@ class PipelineSteps:
         for name, value in results.items():
             # Equal on every rank already; sync_dist only reduces once at epoch end and keeps Lightning quiet.
             self.module.log(f"{split}_{name}", value, prog_bar=True, batch_size=int(total), sync_dist=True)
-        return torch.tensor(results.get("loss", 0.0), device=self.strategy.root_device)
+        return torch.tensor(results.get("loss", 0.0), device=self.device)
 
     def _all_reduce(self, values: list[float], group: Any = None) -> list[float]:
         # On the strategy's device so that NCCL groups work too.
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.strategy.root_device)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, group=group)
         return [float(v) for v in tensor.tolist()]
 
@@ -287,22 +291,3 @@ class PipelineSteps:
             dist.all_gather_object(gathered, mine)
             self._metric_names[split] = sorted({name for part in gathered for name in part})
         return self._metric_names[split]
-
-
-def split_evenly(batch: Any, chunks: int) -> list[Any]:
-    """``split_batch`` when the size divides; otherwise sizes that differ by at most one (e.g. an epoch's last batch).
-
-    Raises:
-        ValueError: if the batch has fewer examples than ``chunks``.
-    """
-    size = batch_size(batch)
-    if size % chunks == 0:
-        return split_batch(batch, chunks)
-    if size < chunks:
-        raise ValueError(
-            f"A batch of {size} examples cannot feed micro_batches={chunks} (every micro-batch needs an example); "
-            f"use a batch size of at least {chunks} (a multiple of {chunks} splits evenly), fewer micro_batches, "
-            "or drop_last=True in the DataLoader."
-        )
-    bounds = [round(i * size / chunks) for i in range(chunks + 1)]
-    return [_slice(batch, bounds[i], bounds[i + 1]) for i in range(chunks)]

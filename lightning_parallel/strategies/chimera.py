@@ -2,22 +2,22 @@
 
 Design decisions:
 
-- Launching, the default process group and samplers come from :class:`DDPStrategy` (``popen`` launcher
-  by default, ``spawn``/``fork`` on request); the module is never wrapped in ``DistributedDataParallel``.
-  Ranks ``[p*D, (p+1)*D)`` form pipeline ``p``; with more processes than ``stages`` whole pipelines are
+- Setup, the gradient hand-over, the resume checks and the unsupported ``predict`` come from
+  :class:`~lightning_parallel.strategies.pipeline_base.PipelineStrategy` (a :class:`DDPStrategy`). Ranks ``[p*D, (p+1)*D)`` form pipeline ``p``; with more processes than ``stages`` whole pipelines are
   replicated and each step's gradients are averaged across replicas (one flat all-reduce per step).
 - Every rank keeps the whole LightningModule (so ``state_dict`` keys and hooks stay as the user wrote them)
   but trains only its stages: the optimizer built by ``configure_optimizers`` is cut down, param group by
   param group, to the held stages' parameters; Chimera's second copy of a stage is a ``deepcopy`` that
   takes the place of the original in the optimizer.
 - The schedule runs inside ``training_step``; the module's own ``training_step`` is not called. The
-  gradients the schedule produces are set aside and installed in ``backward`` (which runs no autograd),
-  because Lightning zeroes gradients between ``training_step`` and ``backward``. The step's loss (and the
+  gradients it produces are set aside and installed in ``backward`` (averaged over replicas). The step's loss (and the
   module's ``pipeline_metrics``) are reduced over all ranks and logged as ``train_<name>`` on every rank;
   validation and test run the forward-only pipeline and log ``val_<name>`` / ``test_<name>``.
 - Gradient clipping by norm uses the global norm over all stages (each stage counted once).
 - Checkpoints are full and single-device shaped (see ``_pipeline_checkpoint``); they record the pipeline's
   shape under ``checkpoint["pipeline"]``, and resuming with a different ``stages`` is refused.
+- Each batch is cut into micro-batches by :func:`~lightning_parallel.pipeline.micro_batches.split_micro_batches`
+  (sizes differing by at most one, losses weighted by size).
 - ``partition="profile"`` needs a micro-batch: the pipeline is then built at the first batch, profiled on
   global rank 0 and broadcast so that every rank uses the same partition.
 """
@@ -25,27 +25,25 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_parallel.pipeline.groups import PipelineGroups
+from lightning_parallel.pipeline.groups import PipelineGroups, build_pipeline_groups
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.pipeline.partition import (
     PARTITION_METHODS,
     partition_blocks,
     profile_blocks,
     stage_slices,
 )
-from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
-from lightning_parallel.pipeline.schedule import Schedule, build_schedule
+from lightning_parallel.pipeline.runtime import PipelineRuntime
+from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Schedule, build_schedule
 from lightning_parallel.strategies._pipeline_checkpoint import (
     broadcast_tensors,
     full_optimizer_state,
@@ -53,24 +51,23 @@ from lightning_parallel.strategies._pipeline_checkpoint import (
     module_tensors,
     sync_stages,
 )
-from lightning_parallel.strategies._pipeline_steps import PipelineSteps, split_evenly
-from lightning_parallel.strategies._setup import begin_pipeline_setup
+from lightning_parallel.strategies._pipeline_steps import PipelineSteps
+from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
 
 ScheduleName = Literal["chimera", "chimera-zb", "1f1b", "gpipe"]
-SCHEDULES: tuple[str, ...] = ("chimera", "chimera-zb", "1f1b", "gpipe")
 
 
-class ChimeraStrategy(DDPStrategy):
+class ChimeraStrategy(PipelineStrategy):
     """Pipeline-parallel training with the Chimera bidirectional schedule (or GPipe / 1F1B).
 
     Args:
         stages: number of pipeline stages D. ``None`` (default) uses one pipeline over all processes.
             The world size (devices x nodes) must be a multiple of ``stages``; the quotient is the number of
             data-parallel pipeline replicas.
-        micro_batches: micro-batches N per optimizer step; each pipeline's batch is split into N equal
-            parts. ``None`` (default) uses N = D. Chimera needs N to be a multiple of D.
+        micro_batches: micro-batches N per optimizer step; each pipeline's batch is split into N parts whose
+            sizes differ by at most one. ``None`` (default) uses N = D. Chimera needs N to be a multiple of D.
         schedule: ``"chimera"`` (default), ``"chimera-zb"`` (zero-bubble Chimera), ``"1f1b"`` or ``"gpipe"``.
-        partition: how blocks are split into stages: ``"uniform"`` (equal block counts, default),
+        partition: blocks per stage: ``"uniform"`` (equal block counts, default),
             ``"parameters"`` (balanced parameter counts), ``"profile"`` (balanced measured forward+backward
             time) or an explicit list of blocks per stage, e.g. ``[3, 2, 2, 1]``.
         forward_doubling: Chimera only: two forwards per slot when N > D (more memory, fewer bubbles).
@@ -93,18 +90,14 @@ class ChimeraStrategy(DDPStrategy):
         partition: str | Sequence[int] = "uniform",
         forward_doubling: bool = False,
         timeout_s: float = 300.0,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        start_method: StartMethod = "popen",
         **kwargs: Any,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
-        super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
-        if stages is not None and stages < 1:
-            raise ValueError(f"stages={stages} must be a positive number of pipeline stages, e.g. 2 or 4.")
+        super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
         if micro_batches is not None and micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be positive, e.g. equal to stages.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}.")
+        if schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULE_KINDS}.")
         if isinstance(partition, str):
             if partition not in PARTITION_METHODS:
                 raise ValueError(
@@ -120,12 +113,10 @@ class ChimeraStrategy(DDPStrategy):
                 )
         if forward_doubling and not schedule.startswith("chimera"):
             raise ValueError(f"forward_doubling=True needs schedule='chimera', not schedule={schedule!r}.")
-        self.stages = stages
         self.micro_batches = micro_batches
         self.schedule = schedule
         self.partition = partition
         self.forward_doubling = forward_doubling
-        self.timeout_s = float(timeout_s)
         if stages is not None:
             # Fails early on impossible shapes, e.g. Chimera with an odd number of stages.
             self._check_schedule(stages)
@@ -142,15 +133,10 @@ class ChimeraStrategy(DDPStrategy):
         except ValueError as err:
             raise ValueError(
                 f"{type(self).__name__}(stages={stages}, micro_batches={self.micro_batches}, "
-                f"schedule={self.schedule!r}) cannot run: {err}"
+                f"schedule={self.schedule!r}) cannot run: {str(err).replace('kind=', 'schedule=')}"
             ) from err
 
     # ------------------------------------------------------------------ shape of the job
-    @property
-    def num_stages(self) -> int:
-        """D: the explicit ``stages`` or, by default, every process."""
-        return self.stages if self.stages is not None else self.world_size
-
     @property
     def num_micro_batches(self) -> int:
         """N: the explicit ``micro_batches`` or, by default, D."""
@@ -185,27 +171,26 @@ class ChimeraStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ setup
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        module = begin_pipeline_setup(self, trainer)
-        self.model_to_device()
+    def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # Start every rank from global rank 0's weights, as DDP does.
         broadcast_tensors(module_tensors([module]), src=0)
-        self._steps = PipelineSteps(self, module)
+        self._steps = PipelineSteps(
+            module,
+            self.set_aside,
+            micro_batches=self.num_micro_batches,
+            replicas=self.data_parallel_size,
+            device=self.root_device,
+            timeout_s=self.timeout_s,
+        )
         if self.partition != "profile":
             self._build_pipeline(None)
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-            if self._steps.runtime is not None:
-                self._steps.localise_optimizers(self.optimizers)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
-        self._optimizers_to_device()
 
-    def _optimizers_to_device(self) -> None:
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
-
-        _optimizers_to_device(self.optimizers, self.root_device)
+    @override
+    def on_optimizers_ready(self, trainer: pl.Trainer) -> None:
+        steps = self._require_steps()
+        if steps.runtime is not None:
+            steps.localise_optimizers(self.optimizers)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
 
     def _build_pipeline(self, batch: Any) -> None:
         steps = self._require_steps()
@@ -214,7 +199,7 @@ class ChimeraStrategy(DDPStrategy):
         if self.partition == "profile":
             sizes_tensor = torch.zeros(d, dtype=torch.long, device=self.root_device)
             if self.global_rank == 0:
-                sample = steps.module.pipeline_input(split_evenly(batch, n)[0])  # type: ignore[operator]
+                sample = steps.hooks.pipeline_input(split_micro_batches(batch, n)[0])
                 profiles = profile_blocks(blocks, sample)
                 sizes = partition_blocks(blocks, d, "profile", profiles=profiles)
                 sizes_tensor = torch.tensor(sizes, dtype=torch.long, device=self.root_device)
@@ -237,11 +222,19 @@ class ChimeraStrategy(DDPStrategy):
             raise RuntimeError(f"{type(self).__name__} is not set up; run it through a Trainer.")
         return self._steps
 
-    def _ensure_pipeline(self, batch: Any) -> PipelineSteps:
-        steps = self._require_steps()
-        if steps.runtime is None:
+    @property
+    @override
+    def stages_built(self) -> bool:
+        return self._steps is not None and self._steps.runtime is not None
+
+    @override
+    def build_stages(self, batch: Any) -> None:
+        if not self.stages_built:
             self._build_pipeline(batch)
-        return steps
+
+    def _ensure_pipeline(self, batch: Any) -> PipelineSteps:
+        self.build_stages(batch)
+        return self._require_steps()
 
     @property
     def pipeline_schedule(self) -> Schedule | None:
@@ -254,6 +247,7 @@ class ChimeraStrategy(DDPStrategy):
         return None if self._steps is None else self._steps.runtime
 
     @property
+    @override
     def held_stage_modules(self) -> dict[tuple[int, int], nn.Module]:
         """(replica, stage) -> the module this rank trains; Chimera's replica-1 entry is a copy that is not
         part of the LightningModule. Callbacks that change gradients must treat every entry alike."""
@@ -280,17 +274,10 @@ class ChimeraStrategy(DDPStrategy):
             return steps.train(batch)
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        # The schedule already ran backward inside training_step: install its gradients instead.
-        module = self.lightning_module
-        if module is None:
-            raise RuntimeError("backward called without a LightningModule.")
-        self.pre_backward(closure_loss)
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        self._require_steps().install_gradients()
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        self.post_backward(closure_loss)
-        return closure_loss
+    def install_gradients(self) -> None:
+        steps = self._require_steps()
+        steps.reduce_replicas()
+        self.set_aside.install(accumulate_grad_batches=self._accumulate_grad_batches(), divide_by=steps.replicas)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -308,28 +295,12 @@ class ChimeraStrategy(DDPStrategy):
         with self.precision_plugin.test_step_context():
             return steps.evaluate(batch, "test")
 
-    @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{type(self).__name__} does not run predict; load the checkpoint into a plain module "
-            "(`YourModule.load_from_checkpoint(path)`) and predict on one device or under DDP."
-        )
-
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         self._require_steps().clip_grad_norm(float(clip_val))
 
     # ------------------------------------------------------------------ checkpoints
-    @property
     @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        self._sync_full_module()
-        return super().lightning_module_state_dict()
-
-    def _sync_full_module(self) -> None:
+    def sync_full_module(self) -> None:
         steps = self._steps
         if steps is None or steps.runtime is None or steps.schedule is None or steps.groups is None:
             return
@@ -348,33 +319,20 @@ class ChimeraStrategy(DDPStrategy):
         )
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        steps = self._steps
-        checkpoint["pipeline"] = {
-            "stages": self.num_stages,
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {
+            **super().checkpoint_metadata(),
             "micro_batches": self.num_micro_batches,
             "schedule": self.schedule,
-            "partition": None if steps is None else steps.sizes,
+            "partition": None if self._steps is None else self._steps.sizes,
         }
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        meta = checkpoint.get("pipeline")
-        if meta is not None and meta.get("stages") != self.num_stages:
-            raise ValueError(
-                f"The checkpoint {checkpoint_path} was written with stages={meta.get('stages')} but this run "
-                f"has stages={self.num_stages}. Resume with stages={meta.get('stages')}, or start a new run "
-                "from its weights: `YourModule.load_from_checkpoint(path)` then `trainer.fit(module)`."
-            )
+    def on_checkpoint_metadata(self, metadata: dict[str, Any]) -> None:
         steps = self._steps
-        if meta is not None and steps is not None and steps.runtime is None and meta.get("partition"):
+        if steps is not None and steps.runtime is None and metadata.get("partition"):
             # A profiled partition is not measured again on resume: the trajectory stays the same.
-            self.partition = list(meta["partition"])
-        return checkpoint
+            self.partition = list(metadata["partition"])
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -398,10 +356,3 @@ class ChimeraStrategy(DDPStrategy):
         for index, (optimizer, full_state) in enumerate(zip(self.optimizers, states)):
             optimizer.load_state_dict(local_optimizer_state(full_state, optimizer, steps.held[index]))
             _optimizer_to_device(optimizer, self.root_device)
-
-    @override
-    def on_train_end(self) -> None:
-        # After fit every rank's module holds all trained weights (the spawn launcher returns rank 0's).
-        self._sync_full_module()
-        super().on_train_end()
-

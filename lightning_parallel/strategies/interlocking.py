@@ -2,8 +2,9 @@
 
 Design decisions:
 
-- Launching, the default process group and samplers come from :class:`DDPStrategy` (``popen`` launcher by
-  default); the module is never wrapped in ``DistributedDataParallel``. Every rank reads the same batch and
+- Setup, the gradient hand-over, the resume checks and the unsupported ``predict`` come from
+  :class:`~lightning_parallel.strategies.pipeline_base.PipelineStrategy` (a :class:`DDPStrategy`; the module
+  is never wrapped in ``DistributedDataParallel``). Every rank reads the same batch and
   holds ``stages / world_size`` contiguous stages; with one process every stage runs in that process
   (single-process mode, for CPU experiments), with identical results.
 - The auxiliary heads are built in ``setup`` (the module's ``pipeline_aux_head`` hook, else pool + linear
@@ -13,9 +14,11 @@ Design decisions:
   starts from global rank 0's weights, heads included.
 - Every rank keeps the whole module and the whole optimizer, but only its stages (and their heads) get
   gradients; the optimizer skips parameters without one.
-- The schedule runs inside ``training_step``; the module's own ``training_step`` is not called. Lightning
-  zeroes gradients between ``training_step`` and ``backward``, so the gradients are set aside and installed
-  in ``backward`` (which runs no autograd).
+- The schedule runs inside ``training_step``; the module's own ``training_step`` is not called. Its
+  gradients are set aside and installed in ``backward`` (which runs no autograd). Each batch is cut into
+  ``micro_batches`` parts by :func:`~lightning_parallel.pipeline.micro_batches.split_micro_batches` (sizes
+  differing by at most one, every micro-batch weighted by its size); a batch with fewer examples than
+  ``micro_batches`` is refused, as under ChimeraStrategy.
 - Logging: ``train_loss`` (the true loss) and ``train_head{j}_loss`` for every auxiliary head; validation
   and test log ``val_<metric>`` of the final output (from ``pipeline_metrics``, else the loss) and
   ``val_head{j}_<metric>`` of every head (usable for early exit). With several processes the step's losses
@@ -41,15 +44,13 @@ This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.int
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -58,14 +59,14 @@ from typing_extensions import override
 from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
 from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.protocol import batch_size
+from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
-from lightning_parallel.strategies._setup import begin_pipeline_setup
+from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
 
 HEADS_ATTRIBUTE = "interlocking_heads"
 
 
-class InterlockingBackpropStrategy(DDPStrategy):
+class InterlockingBackpropStrategy(PipelineStrategy):
     """Interlocking backprop (Gomez et al. 2022): stage ``j`` is trained by the loss ``k - 1`` stages ahead.
 
     Args:
@@ -73,8 +74,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
             auxiliary head), ``stages`` is end-to-end backprop. Default 2.
         stages: number of stages S. ``None`` (default) uses one stage per process; in single-process mode
             (``devices=1``) give it explicitly. Must be a multiple of the world size.
-        micro_batches: micro-batches per optimizer step (the batch is split into that many equal parts).
-            Default 4.
+        micro_batches: micro-batches per optimizer step (the batch is split into that many parts whose sizes
+            differ by at most one; a smaller batch is refused). Default 4.
         balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
         synchronous: flush the pipeline after every optimizer step: every process waits for all stages to
             finish the step before the next step's forwards start (same results, more idle time). Default
@@ -87,6 +88,7 @@ class InterlockingBackpropStrategy(DDPStrategy):
     """
 
     strategy_name = "interlocking"
+    checkpoint_key = "interlocking"
 
     def __init__(
         self,
@@ -97,18 +99,14 @@ class InterlockingBackpropStrategy(DDPStrategy):
         balance: Sequence[int] | None = None,
         synchronous: bool = False,
         timeout_s: float = 300.0,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        start_method: StartMethod = "popen",
         **kwargs: Any,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
-        super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
+        super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(
                 f"k={k!r} must be an integer >= 1 (1 = local learning, k = stages = end-to-end)."
             )
-        if stages is not None and (not isinstance(stages, int) or stages < 1):
-            raise ValueError(f"stages={stages!r} must be a positive number of stages, e.g. 4.")
         if stages is not None:
             check_width(k, stages)
         if not isinstance(micro_batches, int) or micro_batches < 1:
@@ -123,25 +121,18 @@ class InterlockingBackpropStrategy(DDPStrategy):
                     "per stage."
                 )
         self.k = k
-        self.stages = stages
         self.micro_batches = micro_batches
         self.balance = balance
         self.synchronous = synchronous
-        self.timeout_s = float(timeout_s)
         self.runtime: InterlockingRuntime | None = None
-        self._stash: list[tuple[Tensor, Tensor]] = []
         self._pending_losses: list[tuple[Any, Tensor]] = []
         self._pending_sigterm: list[tuple[Any, Tensor]] = []
         self._loss_group: Any = None
         self._held_modules: list[nn.Module] = []
+        self._held_stages: dict[tuple[int, int], nn.Module] = {}
         self._stage_owners: list[tuple[nn.Module, int]] = []
 
     # ------------------------------------------------------------------ shape of the job
-    @property
-    def num_stages(self) -> int:
-        """S: the explicit ``stages`` or one per process."""
-        return self.stages if self.stages is not None else self.world_size
-
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -162,13 +153,11 @@ class InterlockingBackpropStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ setup
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        module = begin_pipeline_setup(self, trainer)
+    def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         stages = self.num_stages
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
-        self.model_to_device()
-        protocol: Any = module  # implements the pipeline protocol (checked above)
+        protocol = self.pipeline_module
         stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), balance=self.balance)
         existing = getattr(module, HEADS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
@@ -188,17 +177,21 @@ class InterlockingBackpropStrategy(DDPStrategy):
             world_size=self.world_size,
             timeout_s=self.timeout_s,
         )
+        self._held_stages = {(0, s): stage_blocks[s] for s in held}
         self._held_modules = [stage_blocks[s] for s in held] + [heads[s] for s in held if s < stages - 1]
         self._stage_owners = [(stage_blocks[s], s * self.world_size // stages) for s in range(stages)] + [
             (heads[s], s * self.world_size // stages) for s in range(stages - 1)
         ]
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-            self._defer_sigterm_check(trainer)
-        self.setup_precision_plugin()
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
-        _optimizers_to_device(self.optimizers, self.root_device)
+    @override
+    def on_optimizers_ready(self, trainer: pl.Trainer) -> None:
+        self._defer_sigterm_check(trainer)
+
+    @property
+    @override
+    def held_stage_modules(self) -> dict[tuple[int, int], nn.Module]:
+        """(0, stage) -> the blocks of each stage this rank trains (their auxiliary heads are not included)."""
+        return dict(self._held_stages)
 
     def _defer_sigterm_check(self, trainer: pl.Trainer) -> None:
         """Replace Lightning's blocking per-batch SIGTERM broadcast by an asynchronous one (no flush per step)."""
@@ -251,17 +244,12 @@ class InterlockingBackpropStrategy(DDPStrategy):
         batch = args[0] if args else kwargs["batch"]
         runtime = self._require_runtime()
         module = self.lightning_module
-        # Lightning zeroes (or, when accumulating, keeps) the gradients after training_step; the step's own
-        # gradients are computed apart from them and added in backward.
-        params = list(module.parameters())  # type: ignore[union-attr]
-        previous = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        micro_batches = split_micro_batches(batch, self.micro_batches)
         with self.precision_plugin.train_step_context():
-            losses = runtime.train_step(split_micro_batches(batch, self.micro_batches))
-        self._stash = [(p, p.grad) for p in params if p.grad is not None]
-        for p, grad in zip(params, previous):
-            p.grad = grad
+            losses = self.set_aside.compute(
+                list(module.parameters()),  # type: ignore[union-attr]
+                lambda: runtime.train_step(micro_batches),
+            )
         vector = torch.zeros(self.num_stages)
         for stage, loss in losses.items():
             vector[stage] = loss
@@ -292,18 +280,6 @@ class InterlockingBackpropStrategy(DDPStrategy):
             return
         self.runtime.finish()
         dist.barrier(group=self._loss_group)
-
-    @override
-    def backward(
-        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
-    ) -> Tensor:
-        # The runtime already ran the backward passes inside training_step: install its gradients.
-        scale = 1.0 / max(1, self.lightning_module.trainer.accumulate_grad_batches)  # type: ignore[union-attr]
-        for p, grad in self._stash:
-            grad = grad * scale if scale != 1.0 else grad
-            p.grad = grad if p.grad is None else p.grad + grad
-        self._stash = []
-        return closure_loss
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -341,18 +317,6 @@ class InterlockingBackpropStrategy(DDPStrategy):
         return table[-1, names.index("loss")] if "loss" in names else table[-1, 0]
 
     @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{type(self).__name__} does not run predict; load the checkpoint into a plain module "
-            "(`YourModule.load_from_checkpoint(path)`) and predict on one device or under DDP."
-        )
-
-    @override
-    def on_train_end(self) -> None:
-        # Hand back a complete module on every rank (each rank trained only its own stages).
-        self._sync_full_module()
-
-    @override
     def teardown(self) -> None:
         if self.runtime is not None and self.world_size > 1 and dist.is_initialized():
             for handle, _ in self._pending_losses + self._pending_sigterm:
@@ -362,12 +326,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ checkpoints
-    @property
     @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-    def _sync_full_module(self) -> None:
+    def sync_full_module(self) -> None:
         """Make every rank's copy of every stage and head equal to its owner's (collective)."""
         if self.world_size == 1 or self.runtime is None:
             return
@@ -378,7 +338,6 @@ class InterlockingBackpropStrategy(DDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        self._sync_full_module()
         state = super().lightning_module_state_dict()
         return {key: value for key, value in state.items() if not key.startswith(HEADS_ATTRIBUTE + ".")}
 
@@ -398,18 +357,15 @@ class InterlockingBackpropStrategy(DDPStrategy):
         return {"state": dict(sorted(merged.items())), "param_groups": state["param_groups"]}
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
+    def checkpoint_metadata(self) -> dict[str, Any]:
         heads = getattr(self.lightning_module, HEADS_ATTRIBUTE, None)
-        checkpoint["interlocking"] = {
+        return {
             "k": self.k,
-            "stages": self.num_stages,
+            **super().checkpoint_metadata(),
             "heads": {}
             if heads is None
             else {key: value.detach().cpu() for key, value in heads.state_dict().items()},
         }
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -426,35 +382,8 @@ class InterlockingBackpropStrategy(DDPStrategy):
         saved = checkpoint.get("interlocking")
         heads = getattr(module, HEADS_ATTRIBUTE, None)
         if saved is not None and heads is not None:
-            if saved.get("stages") != self.num_stages:
-                raise ValueError(
-                    f"The checkpoint was written with stages={saved.get('stages')} (its auxiliary heads belong to "
-                    f"those stages) but this run has stages={self.num_stages}; resume with "
-                    f"stages={saved.get('stages')}, or start from its weights with `YourModule.load_from_checkpoint`."
-                )
+            # Written with the same stages: PipelineStrategy.load_checkpoint refuses others.
             heads.load_state_dict(saved["heads"])
-
-
-def split_micro_batches(batch: Any, chunks: int) -> list[Any]:
-    """Split ``batch`` into ``min(chunks, size)`` micro-batches along dimension 0, as equal as possible.
-
-    Unlike the synchronous pipelines, interlocking weights every micro-batch by its size, so a last batch that
-    ``chunks`` does not divide (the end of an epoch) needs no special case.
-    """
-    size = batch_size(batch)
-    chunks = max(1, min(chunks, size))
-    bounds = [round(i * size / chunks) for i in range(chunks + 1)]
-    return [_slice(batch, start, stop) for start, stop in itertools.pairwise(bounds)]
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {key: _slice(value, start, stop) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(value, start, stop) for value in batch)
-    return batch
 
 
 def _one_step_late(queue: list[tuple[Any, Tensor]], handle: Any, tensor: Tensor, late: bool) -> Tensor | None:

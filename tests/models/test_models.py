@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from lightning_parallel.data import DigitsDataModule, SyntheticDataModule
 from lightning_parallel.models import GPTLanguageModel, MLPClassifier, ResNetClassifier
-from lightning_parallel.pipeline.protocol import check_pipeline_protocol, run_blocks, split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
+from lightning_parallel.pipeline.protocol import check_pipeline_protocol, run_blocks
 
 
 def _models() -> list[tuple[pl.LightningModule, tuple[torch.Tensor, torch.Tensor]]]:
@@ -33,7 +34,7 @@ def test_protocol_matches_dense_loss(index: int) -> None:
     reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
     torch.testing.assert_close(model.pipeline_loss(out, batch), reference)
     # Mean loss over equal micro-batches equals the full-batch loss: what pipeline strategies rely on.
-    micro = split_batch(batch, 2)
+    micro = split_micro_batches(batch, 2)
     micro_losses = [model.pipeline_loss(model(m[0]), m) for m in micro]
     torch.testing.assert_close(torch.stack(micro_losses).mean(), reference)
     assert set(model.pipeline_metrics(out, batch)) == {"loss", "acc"}
@@ -101,8 +102,3 @@ def test_gpt_refuses_sequences_longer_than_block_size() -> None:
 def test_protocol_check_names_missing_hooks() -> None:
     with pytest.raises(TypeError, match="lacks pipeline_blocks, pipeline_input, pipeline_loss"):
         check_pipeline_protocol(torch.nn.Linear(2, 2), who="ChimeraStrategy")
-
-
-def test_split_batch_refuses_uneven_split() -> None:
-    with pytest.raises(ValueError, match="micro_batches=3"):
-        split_batch((torch.zeros(8, 2), torch.zeros(8)), 3)

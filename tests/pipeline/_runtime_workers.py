@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_parallel.pipeline.runtime import PipelineRuntime, build_pipeline_groups
+from lightning_parallel.pipeline.groups import build_pipeline_groups
+from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import build_schedule
 from lightning_parallel.pipeline.timeline import gather_traces
 

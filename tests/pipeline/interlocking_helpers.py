@@ -15,7 +15,7 @@ from torch import nn
 from lightning_parallel.pipeline.interlocking import InterlockingPlan
 from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.protocol import split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
 
 MICRO = 4
 
@@ -100,7 +100,7 @@ def train_interlocking(
     optimizer = torch.optim.Adam(everything.parameters(), lr=1e-2)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        runtime.train_step(split_batch(batch, MICRO))
+        runtime.train_step(split_micro_batches(batch, MICRO))
         optimizer.step()
     runtime.finish()
     return everything

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lightning_parallel.models import MLPClassifier, ResNetClassifier
-from lightning_parallel.pipeline.protocol import run_blocks, split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
+from lightning_parallel.pipeline.protocol import run_blocks
 from tests.helpers.distributed import run_distributed
 from tests.pipeline.interlocking_helpers import (
     MICRO,
@@ -29,7 +30,7 @@ def _window_reference(model: Any, k: int, stages: int, batches: list[Any]) -> nn
     optimizer = torch.optim.Adam(everything.parameters(), lr=1e-2)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        for mb in split_batch(batch, MICRO):
+        for mb in split_micro_batches(batch, MICRO):
             with torch.no_grad():
                 acts = [model.pipeline_input(mb)]
                 for stage in stage_blocks:
@@ -55,7 +56,7 @@ def _local_reference(model: Any, stages: int, batches: list[Any]) -> nn.ModuleLi
     optimizer = torch.optim.Adam(everything.parameters(), lr=1e-2)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        for mb in split_batch(batch, MICRO):
+        for mb in split_micro_batches(batch, MICRO):
             x = model.pipeline_input(mb)
             for j, stage in enumerate(stage_blocks):
                 out = stage(x.detach())

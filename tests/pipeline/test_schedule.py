@@ -11,9 +11,9 @@ from lightning_parallel.pipeline.schedule import (
     ActionKind,
     Schedule,
     build_schedule,
-    simulate,
     validate_schedule,
 )
+from lightning_parallel.pipeline.simulate import simulate
 
 POINTS = [(2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16)]
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from lightning_parallel.pipeline.schedule import Action, ActionKind, build_schedule, simulate
-from lightning_parallel.pipeline.timeline import render_png, render_text, schedule_command, schedule_timeline
+from lightning_parallel.cli import schedule_command
+from lightning_parallel.pipeline.schedule import Action, ActionKind, build_schedule
+from lightning_parallel.pipeline.simulate import simulate
+from lightning_parallel.pipeline.timeline import render_png, render_text, schedule_timeline
 
 
 def test_text_grid_of_gpipe_matches_hand_drawn() -> None:

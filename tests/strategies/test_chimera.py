@@ -366,6 +366,32 @@ def test_batch_smaller_than_micro_batches() -> None:
         _single(make_model(), batch=3, micro_batches=4)
 
 
+class WithIds(MLPClassifier):
+    """Batches are (x, y, ids) with x[:, 0] = the example's number: records what each micro-batch carried."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(SEED)
+        super().__init__(16, (8,), 4)
+        self.seen: list[tuple[list[str], list[str]]] = []
+
+    def pipeline_loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        x, _, ids = batch
+        self.seen.append((list(ids), [f"id{int(v)}" for v in x[:, 0]]))
+        return super().pipeline_loss(output, batch)
+
+
+def test_per_example_ids_are_split_with_their_micro_batch() -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    x, y = dataset(12).tensors
+    x[:, 0] = torch.arange(12).float()
+    rows = [(x[i], y[i], f"id{i}") for i in range(12)]
+    model = WithIds()
+    trainer, _ = trainer_for(ChimeraStrategy(1, 3, schedule="gpipe"), 1, max_steps=1)
+    trainer.fit(model, DataLoader(rows, batch_size=6))  # type: ignore[arg-type]
+    assert len(model.seen) == 3
+    assert all(ids == expected and len(ids) == 2 for ids, expected in model.seen), model.seen
+
+
 def test_batchnorm_inside_stages_warns() -> None:
     with pytest.warns(UserWarning, match=r"BatchNorm inside pipeline stages normalises each micro-batch"):
         _single(WithBatchNorm(), batch=6, micro_batches=2)

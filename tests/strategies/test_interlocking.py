@@ -19,9 +19,8 @@ from lightning_parallel.models import ResNetClassifier
 from lightning_parallel.pipeline.interlocking import InterlockingPlan
 from lightning_parallel.pipeline.interlocking_heads import split_trunk
 from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.protocol import split_batch
+from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.strategies import InterlockingBackpropStrategy
-from lightning_parallel.strategies.interlocking import split_micro_batches
 from tests.helpers.distributed import run_distributed
 
 BATCH = 16
@@ -112,7 +111,7 @@ def test_trainer_path_equals_the_plain_loop_of_the_benchmark() -> None:
     optimizer = torch.optim.Adam(params, lr=1e-2)
     for batch in loader:
         optimizer.zero_grad(set_to_none=True)
-        runtime.train_step(split_batch(batch, 2))
+        runtime.train_step(split_micro_batches(batch, 2))
         optimizer.step()
     _assert_close(_trunk(model), _trunk(plain), atol=1e-6)
     for mine, theirs in zip(model.interlocking_heads, heads):
@@ -212,7 +211,6 @@ def test_uneven_last_batch_is_split_by_size() -> None:
     assert [len(p[1]) for p in parts] == [2, 3, 3, 2] and torch.equal(
         torch.cat([p[1] for p in parts]), batch[1]
     )
-    assert len(split_micro_batches((batch[0][:2], batch[1][:2]), 4)) == 2  # never more parts than examples
     model, reference = _model(), _model()
     loader = DataLoader(
         TensorDataset(torch.randn(22, 1, 8, 8), torch.randint(0, 10, (22,))), batch_size=BATCH
@@ -220,6 +218,13 @@ def test_uneven_last_batch_is_split_by_size() -> None:
     _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4)).fit(model, loader)  # last batch: 6
     _trainer().fit(reference, loader)
     _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
+
+
+def test_batch_smaller_than_micro_batches_is_refused() -> None:
+    loader = DataLoader(TensorDataset(torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))), batch_size=2)
+    strategy = InterlockingBackpropStrategy(k=2, stages=2, micro_batches=4)
+    with pytest.raises(ValueError, match=r"A batch of 2 examples cannot feed micro_batches=4"):
+        _trainer(strategy).fit(_model(), loader)
 
 
 def test_registered_name() -> None:

@@ -1,0 +1,277 @@
+"""PipelineStrategy: what every pipeline strategy of this package shares on the Lightning side.
+
+A pipeline strategy cuts a module that implements the pipeline protocol
+(:mod:`lightning_parallel.pipeline.protocol`) into stages, gives each rank some of them, and runs its own
+schedule of forwards and backwards inside ``training_step``. :class:`ChimeraStrategy` and
+:class:`InterlockingBackpropStrategy` are subclasses; each keeps only what differs (the shape of the job,
+the schedule, the optimizer slicing, the checkpoint extras).
+
+Design decisions:
+
+- Launching, the default process group and samplers come from :class:`DDPStrategy` (``popen`` launcher
+  by default); the module is never wrapped in ``DistributedDataParallel``. ``timeout_s`` is both the
+  process group's timeout and the pipeline transfers' one.
+- ``setup`` follows the order of Lightning's own ``Strategy.setup``: accelerator, protocol and
+  optimization checks, the precision plugin converts the module (it may swap layers, e.g. for QAT ones)
+  *before* it moves to the device and before the optimizers exist, then the subclass builds its stages,
+  then the optimizers, the precision plugin and the optimizers' move to the device.
+- The schedule's gradients are computed apart (:class:`SetAsideGradients`) because Lightning zeroes
+  gradients between ``training_step`` and ``backward``; ``backward`` runs no autograd and installs them
+  between the precision plugin's ``pre_backward`` and ``post_backward`` (so ``on_before_backward`` /
+  ``on_after_backward`` hooks see the step as under DDP).
+- Checkpoints are full and single-device shaped; the strategy records its shape under
+  ``checkpoint[checkpoint_key]`` (at least ``{"stages": ...}``) and resuming with another number of
+  stages is refused with the way out. ``restore_checkpoint_after_setup`` is True: the stages (and the
+  optimizer slices) exist before a checkpoint is loaded into them.
+- ``predict`` is not supported: a checkpoint loads into the plain module for that.
+
+Extension points (override these; each is called on every rank, in the same order):
+
+- :meth:`configure_stages` (required): build this rank's stages in ``setup``, after the module is on its
+  device and before ``configure_optimizers`` runs (a strategy whose stages need a batch may defer the
+  build to :meth:`build_stages`).
+- :meth:`build_stages` (optional): build the stages from a sample batch, when ``configure_stages``
+  deferred it; :attr:`stages_built` says whether that happened.
+- :attr:`held_stage_modules` (required) and :meth:`trained_stages` (public, built on demand): the
+  ``(replica, stage) -> module`` this rank trains; callbacks use them instead of reaching into a subclass.
+- :meth:`on_optimizers_ready` (optional): after ``configure_optimizers`` while fitting, e.g. to cut the
+  optimizers down to the held stages.
+- :meth:`install_gradients` (optional): inside ``backward``; the default adds the set-aside gradients.
+- :meth:`sync_full_module` (required): make every rank's module complete (each stage from its owner) for
+  ``state_dict`` and at the end of ``fit``.
+- :meth:`checkpoint_metadata` / :meth:`on_checkpoint_metadata` (optional): what is saved under
+  ``checkpoint[checkpoint_key]``, and what a resume reads back from it after the stages check.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
+from lightning_parallel.strategies.set_aside import SetAsideGradients
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+
+
+class PipelineStrategy(DDPStrategy):
+    """Base class of the pipeline strategies: setup, gradient hand-over, resume checks, unsupported predict.
+
+    Args:
+        stages: number of pipeline stages; ``None`` uses one per process. Validated here.
+        timeout_s: seconds a rank waits for a peer (process group and pipeline transfers). Default 300.
+        start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
+            ``"fork"`` or ``"forkserver"``.
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
+            ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
+            ``process_group_backend``).
+    """
+
+    checkpoint_key: ClassVar[str] = "pipeline"
+    """The key of ``checkpoint`` under which :meth:`checkpoint_metadata` is saved."""
+
+    def __init__(
+        self,
+        stages: int | None = None,
+        *,
+        timeout_s: float = 300.0,
+        start_method: StartMethod = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
+        super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
+        if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+            raise ValueError(f"stages={stages!r} must be a positive number of pipeline stages, e.g. 2 or 4.")
+        self.stages = stages
+        self.timeout_s = float(timeout_s)
+        self.set_aside = SetAsideGradients()
+
+    # ------------------------------------------------------------------ shape of the job
+    @property
+    def num_stages(self) -> int:
+        """The explicit ``stages`` or, by default, one per process."""
+        return self.stages if self.stages is not None else self.world_size
+
+    @property
+    def pipeline_module(self) -> PipelineProtocol:
+        """The LightningModule, typed by the pipeline protocol it implements.
+
+        Raises:
+            TypeError: if there is no module or it lacks the protocol's hooks.
+        """
+        module = self.lightning_module
+        if not isinstance(module, PipelineProtocol):
+            check_pipeline_protocol(module, who=type(self).__name__)
+            raise RuntimeError(f"{type(self).__name__} has no LightningModule; run it through a Trainer.")
+        return module
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        module = self._begin_setup(trainer)
+        self.model_to_device()
+        self.configure_stages(trainer, module)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+            self.on_optimizers_ready(trainer)
+        self.setup_precision_plugin()
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+        _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _begin_setup(self, trainer: pl.Trainer) -> pl.LightningModule:
+        """Set up the accelerator, check the module and let the precision plugin convert it.
+
+        Raises:
+            TypeError: if the module lacks the pipeline protocol.
+            ValueError: if the module uses manual optimization, or the precision plugin has a gradient scaler.
+        """
+        name = type(self).__name__
+        if self.accelerator is None:
+            raise RuntimeError(f"{name}.setup called before an accelerator was set.")
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError(f"{name}.setup called without a LightningModule.")
+        check_pipeline_protocol(module, who=name)
+        if not module.automatic_optimization:
+            raise ValueError(
+                f"{name} runs the optimization itself; {type(module).__name__} sets "
+                "automatic_optimization=False. Use automatic optimization (the default)."
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"{name} does not support a gradient scaler (precision='16-mixed'); use "
+                "precision='bf16-mixed' or '32-true'."
+            )
+        if self.model is not None:
+            self.model = self.precision_plugin.convert_module(self.model)
+        return module
+
+    def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.
+
+        Args:
+            trainer: the Trainer being set up (its state says fit, validate or test).
+            module: the LightningModule, already converted by the precision plugin and on its device.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_stages.")
+
+    def on_optimizers_ready(self, trainer: pl.Trainer) -> None:
+        """Called by ``setup`` while fitting, right after ``configure_optimizers`` built ``self.optimizers``."""
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def stages_built(self) -> bool:
+        """Whether this rank's stages exist (a subclass may build them at the first batch)."""
+        return True
+
+    def build_stages(self, batch: Any) -> None:
+        """Build this rank's stages from a sample ``batch`` when :meth:`configure_stages` deferred it."""
+
+    @property
+    def held_stage_modules(self) -> dict[tuple[int, int], nn.Module]:
+        """(replica, stage) -> the module this rank trains (empty before the stages are built)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement held_stage_modules.")
+
+    def trained_stages(self, batch: Any = None) -> dict[tuple[int, int], nn.Module]:
+        """(replica, stage) -> the module this rank trains, building the stages first if needed.
+
+        Args:
+            batch: a batch of the run, for strategies that build their stages from one (e.g.
+                ``partition="profile"``); ``None`` when they are known to be built.
+        """
+        if not self.stages_built:
+            if batch is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} builds its stages at the first batch; pass that batch to trained_stages."
+                )
+            self.build_stages(batch)
+        return self.held_stage_modules
+
+    # ------------------------------------------------------------------ steps
+    def install_gradients(self) -> None:
+        """Add the gradients set aside in ``training_step`` to ``.grad`` (called inside :meth:`backward`)."""
+        self.set_aside.install(accumulate_grad_batches=self._accumulate_grad_batches())
+
+    def _accumulate_grad_batches(self) -> int:
+        module = self.lightning_module
+        return 1 if module is None else int(module.trainer.accumulate_grad_batches)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        # The schedule already ran backward inside training_step: install its gradients instead.
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("backward called without a LightningModule.")
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self.install_gradients()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not run predict; load the checkpoint into a plain module "
+            "(`YourModule.load_from_checkpoint(path)`) and predict on one device or under DDP."
+        )
+
+    # ------------------------------------------------------------------ full module and checkpoints
+    def sync_full_module(self) -> None:
+        """Make every rank's copy of every stage equal to its owner's (collective; a no-op before setup)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sync_full_module.")
+
+    @override
+    def on_train_end(self) -> None:
+        # Hand back a complete module on every rank (each rank trained only its own stages).
+        self.sync_full_module()
+        super().on_train_end()
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self.sync_full_module()
+        return super().lightning_module_state_dict()
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """The shape of the job saved under ``checkpoint[checkpoint_key]``; subclasses add their own entries."""
+        return {"stages": self.num_stages}
+
+    def on_checkpoint_metadata(self, metadata: dict[str, Any]) -> None:
+        """Read back a resumed checkpoint's metadata (called after its ``stages`` has been checked)."""
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        checkpoint[self.checkpoint_key] = self.checkpoint_metadata()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        metadata = checkpoint.get(self.checkpoint_key)
+        if metadata is not None:
+            if metadata.get("stages") != self.num_stages:
+                raise ValueError(
+                    f"The checkpoint {checkpoint_path} was written with stages={metadata.get('stages')} but this "
+                    f"run has stages={self.num_stages}. Resume with stages={metadata.get('stages')}, or start a new "
+                    "run from its weights: `YourModule.load_from_checkpoint(path)` then `trainer.fit(module)`."
+                )
+            self.on_checkpoint_metadata(metadata)
+        return checkpoint
