@@ -159,3 +159,14 @@ def test_unknown_keys_and_missing_directories_are_refused(tmp_path: Path) -> Non
         check_complete(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="not part of the module"):
         optimizer_state_by_name(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0), {})
+
+
+def test_the_cli_runs_consolidate(tmp_path: Path) -> None:
+    from lightning_parallel.cli import main
+
+    directory = tmp_path / "partial"
+    save_sharded(directory, {MODEL_PREFIX + "w": torch.ones(2)}, {"checkpoint": {}, "optimizers": []})
+    (directory / META_FILE).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["consolidate", str(directory), str(tmp_path / "out.ckpt")])
+    assert exit_info.value.code == 2
