@@ -106,33 +106,33 @@ def tied_parameters(
     return out
 
 
-def _materialize(module: nn.Module, device: torch.device, memo: dict[int, tuple[Tensor, Tensor]]) -> None:
-    """Give every meta parameter/buffer of ``module`` storage on ``device``; a tensor shared by several
-    places becomes one tensor again (``memo``: id(old) -> (old, new))."""
-    for table, key, tensor in list(_direct_tensors(module)):
-        if id(tensor) in memo:
-            table[key] = memo[id(tensor)][1]
-            continue
-        if tensor.device.type != "meta":
-            continue
-        empty = torch.empty_like(tensor, device=device)
-        new: Tensor = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
-        memo[id(tensor)] = (tensor, new)
-        table[key] = new
+def _swap_to(tensor: Tensor, device: torch.device | str) -> int:
+    """Move ``tensor``'s storage to ``device`` in place (the Python object stays, so ties, optimizers and
+    modules that refer to it keep working); values are not copied. Returns the bytes of the new storage."""
+    empty = torch.empty_like(tensor, device=device)
+    replacement: Tensor = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    torch.utils.swap_tensors(tensor, replacement)
+    return tensor.numel() * tensor.element_size()
 
 
-def _to_meta(module: nn.Module, keep: set[int], memo: dict[int, tuple[Tensor, Tensor]]) -> int:
-    """Replace ``module``'s materialised tensors not in ``keep`` by meta ones; the bytes released."""
+def _materialize(module: nn.Module, device: torch.device, done: set[int]) -> int:
+    """Give every meta parameter/buffer of ``module`` (uninitialised) storage on ``device``; the bytes."""
+    total = 0
+    for _, _, tensor in list(_direct_tensors(module)):
+        if id(tensor) not in done and tensor.device.type == "meta":
+            done.add(id(tensor))
+            total += _swap_to(tensor, device)
+    return total
+
+
+def _to_meta(module: nn.Module, keep: set[int]) -> int:
+    """Move ``module``'s materialised tensors not in ``keep`` to the meta device; the bytes released."""
     released = 0
-    for table, key, tensor in list(_direct_tensors(module)):
-        if id(tensor) in keep or tensor.device.type == "meta":
-            continue
-        if id(tensor) not in memo:
-            meta = torch.empty_like(tensor, device="meta")
-            new: Tensor = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-            memo[id(tensor)] = (tensor, new)
-            released += tensor.numel() * tensor.element_size()
-        table[key] = memo[id(tensor)][1]
+    for _, _, tensor in list(_direct_tensors(module)):
+        if id(tensor) not in keep and tensor.device.type != "meta":
+            keep_size = tensor.numel() * tensor.element_size()
+            _swap_to(tensor, "meta")
+            released += keep_size
     return released
 
 
@@ -146,7 +146,8 @@ def materialize_blocks(
 ) -> int:
     """Materialise and initialise the held blocks of a meta-built module; the others stay on meta.
 
-    Tensors shared by held blocks stay shared. For every tied parameter a held block uses, the blocks that
+    Tensors keep their identity (their storage is swapped in place), so tied parameters stay tied and an
+    optimizer built over the meta module steps the materialised tensors. For every tied parameter a held block uses, the blocks that
     use it but are not held are materialised for a moment, so that the initialisations run in block order
     as on one device, and freed again.
 
@@ -172,21 +173,18 @@ def materialize_blocks(
         for other in users[id(tensor)]
         if other not in held_set
     }
-    memo: dict[int, tuple[Tensor, Tensor]] = {}
-    for index in sorted(held_set):
-        _materialize(blocks[index], device, memo)
-    kept = {id(new) for _, new in memo.values()}
-    materialized = sum(new.numel() * new.element_size() for _, new in memo.values())
+    done: set[int] = set()
+    materialized = sum(_materialize(blocks[index], device, done) for index in sorted(held_set))
+    kept = {id(t) for index in held_set for _, _, t in _direct_tensors(blocks[index])}
     for index in sorted(helpers):
-        _materialize(blocks[index], device, memo)
+        _materialize(blocks[index], device, done)
     init_fn = init if init is not None else getattr(module, "pipeline_init_weights", None)
     if not callable(init_fn):
         init_fn = _ResetInit(type(module).__name__)
     for index in sorted(held_set | helpers):
         init_fn(index, blocks[index])
-    release: dict[int, tuple[Tensor, Tensor]] = {}
     for index in sorted(helpers):
-        _to_meta(blocks[index], kept, release)
+        _to_meta(blocks[index], kept)
     return materialized
 
 
@@ -231,8 +229,7 @@ def free_blocks(blocks: Sequence[nn.Module], held: Iterable[int]) -> int:
     """
     held_set = set(held)
     keep = {id(t) for index in held_set for _, _, t in _direct_tensors(blocks[index])}
-    memo: dict[int, tuple[Tensor, Tensor]] = {}
-    return sum(_to_meta(block, keep, memo) for index, block in enumerate(blocks) if index not in held_set)
+    return sum(_to_meta(block, keep) for index, block in enumerate(blocks) if index not in held_set)
 
 
 def materialized_bytes(modules: Iterable[nn.Module]) -> int:
