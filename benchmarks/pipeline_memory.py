@@ -5,7 +5,11 @@ One ``GPTLanguageModel`` (fp32, AdamW) and one global batch, trained for a few o
 - ``one-process``: a single process (``Trainer(devices=1)``);
 - ``ddp``: ``Trainer(strategy="ddp")`` on 4 processes (each rank reads a quarter of the batch);
 - ``1f1b``, ``chimera``, ``chimera-zb``, ``gpipe``: ``ChimeraStrategy(stages=4, schedule=...,
-  partition="parameters")`` on 4 processes;
+  partition="parameters", stage_local=True)`` on 4 processes, the GPT built in ``configure_model`` (on the
+  meta device; each rank materialises its stages); ``1f1b-eager``: the same with the GPT built in
+  ``__init__`` the way most modules are written (freed down to the held stages after partitioning).
+  ``--full-module`` runs them as before stage-local weights (``stage_local=False``, every rank holds the
+  whole module);
 - ``torch-1f1b``: ``torch.distributed.pipelining``'s ``Schedule1F1B`` on 4 processes over a manual split
   built on the meta device (each rank materialises only its stage), the same partition.
 
@@ -22,7 +26,8 @@ Every run is a fresh group of processes, so that each rank's peak resident set s
 
 ``--big`` trains a GPT of >= 400M parameters with 1f1b and chimera on 4 processes (3 steps) and measures one
 DDP rank's bytes in one process (parameters, gradients and AdamW state of the whole model); it needs
-stage-local weights and about 12 GiB free, and refuses to start with less.
+stage-local weights and about 16 GiB available (Chimera: 4 ranks x half the model's parameters, gradients and
+AdamW state), and refuses to start with less.
 
     python benchmarks/pipeline_memory.py [--quick] [--json PATH] [--big]
 """
@@ -62,7 +67,7 @@ STAGES = 4
 MICRO_BATCHES = 4
 VOCAB = 128
 BLOCK_SIZE = 64
-RUNS = ("one-process", "ddp", "1f1b", "chimera", "chimera-zb", "gpipe", "torch-1f1b")
+RUNS = ("one-process", "ddp", "1f1b", "chimera", "chimera-zb", "gpipe", "1f1b-eager", "torch-1f1b")
 BIG_RUNS = ("1f1b", "chimera")
 _IMPLS = {"one-process": "lightning", "ddp": "lightning.DDPStrategy", "torch-1f1b": "torch.distributed.pipelining"}
 
@@ -106,14 +111,19 @@ def _optimizer_tensors(optimizers: Any) -> list[Tensor]:
 # ----------------------------------------------------------------------------- one rank of one run
 def _trainer_run(run: str, config: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
     torch.manual_seed(0)
-    model = GPTLanguageModel(**_model_kwargs(config))
+    stage_local = not config.get("full_module", False)
+    pipeline = run not in ("one-process", "ddp")
+    meta_built = pipeline and stage_local and run != "1f1b-eager"
+    model = GPTLanguageModel(**_model_kwargs(config), build_in_configure_model=meta_built)
     strategy: Any
     if run == "one-process":
         strategy, devices, batch = "auto", 1, config["batch"]
     elif run == "ddp":
         strategy, devices, batch = "ddp", WORLD, config["batch"] // WORLD
     else:
-        strategy = ChimeraStrategy(STAGES, MICRO_BATCHES, schedule=run, partition="parameters")  # type: ignore[arg-type]
+        schedule = run.removesuffix("-eager")
+        strategy = ChimeraStrategy(STAGES, MICRO_BATCHES, schedule=schedule, partition="parameters",  # type: ignore[arg-type]
+                                   stage_local=stage_local)
         devices, batch = WORLD, config["batch"]
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=config["steps"], logger=False,
@@ -196,9 +206,10 @@ def measure(run: str, config: dict[str, Any]) -> dict[str, Any]:
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     total = model_parameter_bytes(config)
     per_rank = {"one-process": 1.0, "ddp": 1.0, "chimera": 2 / STAGES, "chimera-zb": 2 / STAGES}.get(run, 1 / STAGES)
+    suffix = "" if run in ("one-process", "ddp", "torch-1f1b") or not config.get("full_module") else " (full module)"
     return {
         "run": run,
-        "impl": _IMPLS.get(run, "lightning_parallel.ChimeraStrategy"),
+        "impl": _IMPLS.get(run, "lightning_parallel.ChimeraStrategy") + suffix,
         "stages": 1 if run in ("one-process", "ddp") else STAGES,
         "parameter_bytes_per_rank": max(r["parameter_bytes"] for r in ranks),
         "ideal_parameter_bytes_per_rank": int(total * per_rank),
@@ -239,10 +250,10 @@ def _available_gib() -> float:
 def _print(records: list[dict[str, Any]], title: str) -> None:
     mib = 2**20
     print(title)
-    print(f"{'run':<12}{'impl':<36}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
+    print(f"{'run':<12}{'impl':<50}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
     for r in records:
         ratio = r["parameter_bytes_per_rank"] / r["ideal_parameter_bytes_per_rank"]
-        print(f"{r['run']:<12}{r['impl']:<36}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
+        print(f"{r['run']:<12}{r['impl']:<50}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
               f"{r['ideal_parameter_bytes_per_rank'] / mib:>10.1f}{ratio:>8.2f}"
               f"{r['optimizer_state_bytes_per_rank'] / mib:>10.1f}{r['peak_rss_above_baseline_bytes'] / mib:>13.1f}")
 
@@ -253,8 +264,10 @@ def main() -> None:
     parser.add_argument("--json", type=str, default=None, help="write the records to this JSON file")
     parser.add_argument("--big", action="store_true", help="also train a >= 400M-parameter GPT (needs ~12 GiB free)")
     parser.add_argument("--runs", type=str, default=",".join(RUNS), help="comma-separated subset of runs")
+    parser.add_argument("--full-module", action="store_true", help="our runs with stage_local=False (the 'before')")
     args = parser.parse_args()
-    config = {"n_layer": 8, "n_head": 8, "n_embd": 256 if args.quick else 512, "batch": 8, "steps": 2}
+    config = {"n_layer": 8, "n_head": 8, "n_embd": 256 if args.quick else 512, "batch": 8, "steps": 2,
+              "full_module": args.full_module}
     started = time.perf_counter()
     records = [measure(run, config) for run in args.runs.split(",")]
     params = model_parameter_bytes(config) // 4
@@ -263,10 +276,10 @@ def main() -> None:
     out: dict[str, Any] = {"records": records, "config": {**config, "world": WORLD, "stages": STAGES,
                                                           "micro_batches": MICRO_BATCHES, "parameters": params}}
     if args.big:
-        big = {"n_layer": 24, "n_head": 16, "n_embd": 1184, "batch": 4, "steps": 3}
+        big = {"n_layer": 24, "n_head": 16, "n_embd": 1184, "batch": 4, "steps": 3, "full_module": False}
         free = _available_gib()
-        if free < 12:
-            raise SystemExit(f"--big needs about 12 GiB available; /proc/meminfo shows {free:.1f} GiB.")
+        if free < 16:
+            raise SystemExit(f"--big needs about 16 GiB available; /proc/meminfo shows {free:.1f} GiB.")
         big_params = model_parameter_bytes(big) // 4
         big_records = [measure(run, big) for run in BIG_RUNS]
         _print(big_records, f"\n--big: GPT {big_params / 1e6:.0f}M parameters, AdamW fp32, {big['steps']} steps")
