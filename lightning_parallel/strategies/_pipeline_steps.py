@@ -8,7 +8,7 @@ knows nothing of the strategy. Every collective here runs on every rank in the s
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -78,8 +78,23 @@ class PipelineSteps:
         self._weights: dict[int, float] = {}
 
     # ------------------------------------------------------------------ building
-    def build(self, schedule: Schedule, groups: PipelineGroups, sizes: Sequence[int]) -> None:
-        """Place this rank's stages (a ``deepcopy`` for Chimera's second pipeline) and start the runtime."""
+    def build(
+        self,
+        schedule: Schedule,
+        groups: PipelineGroups,
+        sizes: Sequence[int],
+        *,
+        wrap: Callable[[int, nn.Module], nn.Module] | None = None,
+    ) -> None:
+        """Place this rank's stages (a ``deepcopy`` for Chimera's second pipeline) and start the runtime.
+
+        Args:
+            schedule: the schedule to run.
+            groups: this rank's process groups.
+            sizes: blocks per stage.
+            wrap: ``wrap(stage, module)`` replaces a stage's module in the runtime (e.g. to recompute it);
+                its parameters must be the module's.
+        """
         self.schedule, self.groups, self.sizes = schedule, groups, list(sizes)
         slices = stage_slices(self.sizes)
         self._check_blocks(slices)
@@ -91,6 +106,8 @@ class PipelineSteps:
                 duplicate = copy.deepcopy(original)
                 self.stage_modules[(replica, stage)] = duplicate
                 self.copies.append((original, duplicate))
+        if wrap is not None:
+            self.stage_modules = {key: wrap(key[1], module) for key, module in self.stage_modules.items()}
         for (replica, _), stage_module in sorted(self.stage_modules.items()):
             for param in stage_module.parameters():
                 self.params.append(param)

@@ -52,6 +52,7 @@ from lightning_parallel.pipeline.partition import (
     profile_blocks,
     stage_slices,
 )
+from lightning_parallel.pipeline.recompute import RecomputedStage, recompute_stages
 from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Schedule, build_schedule
 from lightning_parallel.strategies._pipeline_checkpoint import (
@@ -82,6 +83,10 @@ class ChimeraStrategy(PipelineStrategy):
             ``"parameters"`` (balanced parameter counts), ``"profile"`` (balanced measured forward+backward
             time) or an explicit list of blocks per stage, e.g. ``[3, 2, 2, 1]``.
         forward_doubling: Chimera only: two forwards per slot when N > D (more memory, fewer bubbles).
+        recompute: recompute stages' forward in backward instead of storing their activations
+            (``torch.utils.checkpoint``, non-reentrant): ``True`` for the stages whose rank stores the most
+            micro-batches at once in the schedule (the first stages under 1F1B), or a list of stages.
+            Default False.
         stage_local: hold only the weights of this rank's stages (``configure_model`` on the meta device,
             or the other blocks freed right after partitioning). Default False.
         save_distributed_checkpoint: write sharded checkpoint directories (each rank its own stages, through
@@ -105,6 +110,7 @@ class ChimeraStrategy(PipelineStrategy):
         schedule: ScheduleName = "chimera",
         partition: str | Sequence[int] = "uniform",
         forward_doubling: bool = False,
+        recompute: bool | Sequence[int] = False,
         stage_local: bool = False,
         save_distributed_checkpoint: bool | None = None,
         timeout_s: float = 300.0,
@@ -125,6 +131,15 @@ class ChimeraStrategy(PipelineStrategy):
                 "save_distributed_checkpoint=True needs stage_local=True (a full module per rank writes "
                 "single-file checkpoints)."
             )
+        if not isinstance(recompute, bool):
+            recompute = [int(stage) for stage in recompute]
+            bad = [s for s in recompute if s < 0 or (stages is not None and s >= stages)]
+            if bad:
+                raise ValueError(
+                    f"recompute={recompute} names stages {bad} that do not exist; use True, False or stages "
+                    f"0..{'D-1' if stages is None else stages - 1}."
+                )
+        self.recompute = recompute
         self.stage_local = stage_local
         self.save_distributed_checkpoint = save_distributed_checkpoint
         self._stage_local: StageLocalState | None = None
@@ -306,7 +321,8 @@ class ChimeraStrategy(PipelineStrategy):
             mine = schedule.stages_of(groups.pipeline_rank)
             held = sorted({i for _, stage in mine for i in range(slices[stage].start, slices[stage].stop)})
             local.materialize(held, self.root_device)
-        steps.build(schedule, groups, sizes)
+        recomputed = recompute_stages(schedule, self.recompute)
+        steps.build(schedule, groups, sizes, wrap=lambda stage, m: RecomputedStage(m) if stage in recomputed else m)
         if local is not None:
             owned = sorted(
                 {i for replica, stage in mine if replica == 0 for i in range(slices[stage].start, slices[stage].stop)}

@@ -69,6 +69,10 @@ def _world(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         strategy = ChimeraStrategy(2, 2, schedule=schedule, stage_local=True)
         module, losses = _fit(strategy, 2, build_in_configure_model=build)
         out[name] = {"losses": losses, **_held(strategy, module)}
+    for name, schedule in [("recompute-1f1b", "1f1b"), ("recompute-zb", "chimera-zb")]:
+        strategy = ChimeraStrategy(2, 2, schedule=schedule, stage_local=True, recompute=True)
+        module, losses = _fit(strategy, 2, build_in_configure_model=True)
+        out[name] = {"losses": losses, **_held(strategy, module)}
     strategy = ChimeraStrategy(2, 2, schedule="1f1b", stage_local=True, partition="flops")
     module, losses = _fit(strategy, 2, build_in_configure_model=True)
     out["flops"] = {"losses": losses, **_held(strategy, module)}
@@ -108,7 +112,7 @@ def _close(actual: list[float], expected: list[float], tol: float = 1e-5) -> Non
         assert abs(a - e) <= tol * max(1.0, abs(e)), (actual, expected)
 
 
-@pytest.mark.parametrize("name", ["chimera-meta", "1f1b-meta", "1f1b-eager", "flops"])
+@pytest.mark.parametrize("name", ["chimera-meta", "1f1b-meta", "1f1b-eager", "flops", "recompute-1f1b", "recompute-zb"])
 def test_stage_local_training_equals_one_device(distributed: list[dict[str, Any]], reference: Any, name: str) -> None:
     model, losses = reference
     state = model.state_dict()
@@ -167,3 +171,5 @@ def test_stage_local_arguments_are_checked() -> None:
         ChimeraStrategy(2, stage_local=True, save_distributed_checkpoint=False)
     with pytest.raises(ValueError, match="save_distributed_checkpoint=True needs stage_local=True"):
         ChimeraStrategy(2, save_distributed_checkpoint=True)
+    with pytest.raises(ValueError, match=r"recompute=\[2\] names stages \[2\] that do not exist"):
+        ChimeraStrategy(2, recompute=[2])
