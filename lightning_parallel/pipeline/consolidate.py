@@ -44,6 +44,11 @@ def consolidated_checkpoint(directory: str | Path) -> dict[str, Any]:
     checkpoint["state_dict"] = {
         key[len(MODEL_PREFIX) :]: value for key, value in entries.items() if key.startswith(MODEL_PREFIX)
     }
+    state_dict = checkpoint["state_dict"]
+    for name, aliases in meta.get("aliases", {}).items():
+        for alias in aliases:  # a tied parameter is stored once, under its first name
+            if name in state_dict:
+                state_dict.setdefault(alias, state_dict[name])
     optimizer_states = []
     for index, layout in enumerate(meta.get("optimizers", [])):
         prefix = f"{OPTIMIZER_PREFIX}{index}/"

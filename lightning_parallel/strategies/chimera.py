@@ -55,6 +55,7 @@ from lightning_parallel.pipeline.partition import (
 from lightning_parallel.pipeline.recompute import RecomputedStage, recompute_stages
 from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Schedule, build_schedule
+from lightning_parallel.pipeline.stage_local import tied_parameters
 from lightning_parallel.strategies._pipeline_checkpoint import (
     broadcast_tensors,
     full_optimizer_state,
@@ -322,12 +323,24 @@ class ChimeraStrategy(PipelineStrategy):
             held = sorted({i for _, stage in mine for i in range(slices[stage].start, slices[stage].stop)})
             local.materialize(held, self.root_device)
         recomputed = recompute_stages(schedule, self.recompute)
-        steps.build(schedule, groups, sizes, wrap=lambda stage, m: RecomputedStage(m) if stage in recomputed else m)
+        tied = [] if local is None else tied_parameters(local.module, blocks, sizes)
+        tied = [t for t in tied if len(t.stages) > 1]
+        steps.build(
+            schedule, groups, sizes, wrap=lambda stage, m: RecomputedStage(m) if stage in recomputed else m,
+            allow_tied=local is not None,
+        )
         if local is not None:
             owned = sorted(
                 {i for replica, stage in mine if replica == 0 for i in range(slices[stage].start, slices[stage].stop)}
             )
             local.after_build(steps.stage_modules, steps.copies, owned)
+            if tied:
+                holders = [
+                    [sorted({p * d + schedule.rank_of(r, s) for s in t.stages for r in range(schedule.replicas)})
+                     for t in tied]
+                    for p in range(self.data_parallel_size)
+                ]
+                local.prepare_tied(tied, steps.stage_modules, steps.copies, holders, self.global_rank // d)
         if self._pending_optimizer_states is not None:
             steps.localise_optimizers(self.optimizers)
             self._load_full_optimizer_states(self._pending_optimizer_states)
@@ -396,6 +409,8 @@ class ChimeraStrategy(PipelineStrategy):
     @override
     def install_gradients(self) -> None:
         steps = self._require_steps()
+        if self._stage_local is not None and self._stage_local.tied:
+            self.set_aside.reduce(self._stage_local.tied_reduction)  # copies of a tied parameter: one sum
         steps.reduce_replicas()
         self.set_aside.install(accumulate_grad_batches=self._accumulate_grad_batches(), divide_by=steps.replicas)
 

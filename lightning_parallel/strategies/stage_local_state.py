@@ -12,7 +12,11 @@ Used by :class:`~lightning_parallel.strategies.ChimeraStrategy` with ``stage_loc
 - checkpoints are sharded directories (:mod:`lightning_parallel.pipeline.stage_checkpoint`): each rank
   writes its tensors under the module's own state-dict names (the copies under their originals' names)
   and its optimizer state by parameter name; loading asks each rank's names back, whatever the layout
-  that wrote them (another stage count, schedule or world size).
+  that wrote them (another stage count, schedule or world size);
+- a parameter tied across stages (a token embedding shared with the output head) has a copy on every rank
+  whose stages use it; after each step's schedule the copies' gradients are summed
+  (:meth:`StageLocalState.tied_reduction`: one copy per stage, the first pipeline's, summed over the ranks
+  that hold any copy), so every copy takes the same step as the one parameter on one device.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -35,7 +40,7 @@ from lightning_parallel.pipeline.stage_checkpoint import (
     parameter_names,
     save_sharded,
 )
-from lightning_parallel.pipeline.stage_local import free_blocks, materialize_blocks
+from lightning_parallel.pipeline.stage_local import TiedParameter, free_blocks, materialize_blocks
 
 _SKIPPED = ("state_dict", "optimizer_states")
 
@@ -55,6 +60,8 @@ class StageLocalState:
         self.layouts: list[list[dict[str, Any]]] = []
         self.tensor_names: list[tuple[str, Tensor]] = []
         self.param_names: dict[int, str] = {}
+        self.aliases: dict[str, list[str]] = {}
+        self.tied: list[tuple[list[Tensor], list[Tensor], Any]] = []  # (owner copies, all copies, group)
 
     def materialize(self, held_blocks: Sequence[int], device: torch.device) -> None:
         """Give the blocks this rank trains storage and initial values (meta-built modules only)."""
@@ -80,7 +87,7 @@ class StageLocalState:
         Returns:
             The bytes freed.
         """
-        state_names = {id(t): name for name, t in self.module.state_dict(keep_vars=True).items()}
+        state_names = _first_names(self.module)
         names_of_copy: dict[int, str] = {}
         for original, duplicate in copies:
             originals = [*original.parameters(), *original.buffers()]
@@ -98,6 +105,64 @@ class StageLocalState:
                     self.param_names[id(tensor)] = name
         return free_blocks(self.blocks, owned_blocks)
 
+    def prepare_tied(
+        self, tied: Sequence[TiedParameter], stage_modules: Mapping[tuple[int, int], nn.Module],
+        copies: Sequence[tuple[nn.Module, nn.Module]], holders: Sequence[Sequence[list[int]]], my_pipeline: int,
+    ) -> None:
+        """Find this rank's copies of every tied parameter and make one process group per pipeline and
+        tied parameter (collective: every rank calls this with the same ``tied`` and ``holders``).
+
+        Args:
+            tied: the tied parameters (found before the stages were built).
+            stage_modules: (replica, stage) -> the module this rank trains.
+            copies: (original stage, this rank's copy) pairs of Chimera's second pipeline.
+            holders: for each pipeline, for each tied parameter, the global ranks that hold a copy.
+            my_pipeline: this rank's pipeline index.
+        """
+        for item in tied:
+            self.aliases[item.name] = list(item.aliases)
+        copy_of = {id(a): b for original, duplicate in copies
+                   for a, b in zip(original.parameters(), duplicate.parameters())}
+        self.tied = []
+        for index, item in enumerate(tied):
+            groups = [dist.new_group(ranks[index]) for ranks in holders]  # every rank creates every group
+            param = _first(self.module, item.name)
+            owners: list[Tensor] = []
+            everyone: list[Tensor] = []
+            for (replica, stage), stage_module in stage_modules.items():
+                if stage not in item.stages:
+                    continue
+                local = param if replica == 0 else copy_of.get(id(param))
+                if local is None or not any(p is local for p in stage_module.parameters()):
+                    continue
+                everyone.append(local)
+                if replica == 0 and not any(o is local for o in owners):
+                    owners.append(local)
+            unique: list[Tensor] = []
+            for t in everyone:
+                if not any(u is t for u in unique):
+                    unique.append(t)
+            self.tied.append((owners, unique, groups[my_pipeline]))
+
+    def tied_reduction(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Set-aside gradients with every tied copy's gradient replaced by the sum over the stages that use
+        it (collective over each tied parameter's holders). One copy per stage counts: Chimera's second
+        pipeline has already added its gradient into the first's by then."""
+        out = list(grads)
+        position = {id(p): i for i, p in enumerate(params)}
+        for owners, everyone, group in self.tied:
+            if not everyone:
+                continue
+            total = torch.zeros_like(everyone[0])
+            for owner in owners:
+                grad = out[position[id(owner)]]
+                if grad is not None:
+                    total += grad
+            dist.all_reduce(total, group=group)
+            for copy in everyone:
+                out[position[id(copy)]] = total.clone()
+        return out
+
     # ------------------------------------------------------------------ sharded checkpoints
     def save(self, path: str | Path, checkpoint: Mapping[str, Any], optimizers: Sequence[Optimizer], meta: dict[str, Any]) -> None:
         """Write this rank's shard of ``checkpoint`` (collective); the non-tensor part goes to the meta file."""
@@ -105,7 +170,7 @@ class StageLocalState:
         for index, optimizer in enumerate(optimizers):
             entries.update(optimizer_state_by_name(optimizer, self.param_names, index))
         rest = {k: v for k, v in checkpoint.items() if k not in _SKIPPED}
-        save_sharded(path, entries, {"checkpoint": rest, "optimizers": self.layouts, **meta})
+        save_sharded(path, entries, {"checkpoint": rest, "optimizers": self.layouts, "aliases": self.aliases, **meta})
 
     def load_model(self, path: str | Path, device: torch.device) -> None:
         """Copy this rank's tensors from the sharded checkpoint at ``path`` (collective)."""
@@ -120,6 +185,18 @@ class StageLocalState:
             names = [self.param_names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             entries = load_sharded(path, optimizer_keys(path, index, names))
             load_optimizer_state_by_name(optimizer, self.param_names, entries, index)
+
+
+def _first(module: nn.Module, name: str) -> Tensor:
+    return module.get_parameter(name)
+
+
+def _first_names(module: nn.Module) -> dict[int, str]:
+    """id(tensor) -> its first state-dict name (a tied parameter's first alias, as ``parameter_names``)."""
+    names: dict[int, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), name)
+    return names
 
 
 __all__ = ["StageLocalState"]

@@ -73,6 +73,11 @@ def _world(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         strategy = ChimeraStrategy(2, 2, schedule=schedule, stage_local=True, recompute=True)
         module, losses = _fit(strategy, 2, build_in_configure_model=True)
         out[name] = {"losses": losses, **_held(strategy, module)}
+    for name, schedule, build in [("tied-1f1b", "1f1b", True), ("tied-chimera", "chimera", True),
+                                  ("tied-eager", "chimera", False)]:
+        strategy = ChimeraStrategy(2, 2, schedule=schedule, stage_local=True)
+        module, losses = _fit(strategy, 2, build_in_configure_model=build, tie_weights=True)
+        out[name] = {"losses": losses, **_held(strategy, module)}
     strategy = ChimeraStrategy(2, 2, schedule="1f1b", stage_local=True, partition="flops")
     module, losses = _fit(strategy, 2, build_in_configure_model=True)
     out["flops"] = {"losses": losses, **_held(strategy, module)}
@@ -104,6 +109,26 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
 @pytest.fixture(scope="module")
 def reference() -> tuple[GPTLanguageModel, list[float]]:
     return _fit("auto", 1)
+
+
+@pytest.fixture(scope="module")
+def tied_reference() -> tuple[GPTLanguageModel, list[float]]:
+    return _fit("auto", 1, tie_weights=True)
+
+
+@pytest.mark.parametrize("name", ["tied-1f1b", "tied-chimera", "tied-eager"])
+def test_tied_weights_train_as_on_one_device(distributed: list[dict[str, Any]], tied_reference: Any, name: str) -> None:
+    model, losses = tied_reference
+    state = model.state_dict()
+    for rank_out in distributed:
+        run = rank_out[name]
+        _close(run["losses"], losses)
+        for key, value in run["tensors"].items():
+            torch.testing.assert_close(value, state[key], rtol=1e-4, atol=1e-4)
+    # The embedding's rank and the head's rank each hold a copy of the tied weight, and they agree bit for bit.
+    copies = [out[name]["tensors"]["blocks.3.1.weight"] for out in distributed if "blocks.3.1.weight" in out[name]["tensors"]]
+    assert len(copies) == 2
+    torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0)
 
 
 def _close(actual: list[float], expected: list[float], tol: float = 1e-5) -> None:
