@@ -431,6 +431,13 @@ class ChimeraStrategy(PipelineStrategy):
             return steps.evaluate(batch, "test")
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        if self._stage_local is not None and self._stage_local.tied:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"Gradient clipping counts each of the {len(self._stage_local.tied)} tied parameter(s) once per stage "
+                "that uses it, so the global norm is a little larger than on one device.",
+            )
         self._require_steps().clip_grad_norm(float(clip_val))
 
     # ------------------------------------------------------------------ checkpoints
