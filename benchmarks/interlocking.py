@@ -43,10 +43,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan
-from lightning_parallel.pipeline.interlocking_heads import split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from lightning_parallel.pipeline.interlocking_stage import SimulatedCost
+from lightning_parallel.interlocking.heads import split_trunk
+from lightning_parallel.interlocking.plan import InterlockingPlan
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
+from lightning_parallel.interlocking.stage import SimulatedCost
 
 if TYPE_CHECKING:
     from lightning_parallel.models.resnet import NormName

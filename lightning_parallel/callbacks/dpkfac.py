@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner, PipelineKFACPreconditioner, Schedule
@@ -171,8 +172,10 @@ class DPKFAC(Callback):
 
     def _build(self, preconditioner: KFACPreconditioner, previous: KFACPreconditioner | None) -> None:
         self.preconditioner = preconditioner
+        preconditioner.coverage.report(rank_zero_info, rank_zero_warn)  # which weights K-FAC sees, once
         if self._pending_state is not None:  # restored from a checkpoint before setup
             self.preconditioner.load_state_dict(self._pending_state)
+            self._restore_fisher_rng(self._pending_state)
             self._pending_state = None
         elif previous is not None:  # a second fit with the same callback continues its curvature
             self.preconditioner.load_state_dict(previous.state_dict())
@@ -221,7 +224,15 @@ class DPKFAC(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.preconditioner is None:
             return dict(self._pending_state or {})
-        return self.preconditioner.state_dict()
+        state = self.preconditioner.state_dict()
+        comm = self.preconditioner.comm
+        if comm.world_size > 1:
+            # the sampled Fisher's generator of every rank (the preconditioner's state holds this rank's), so a
+            # resume mid-epoch draws the same samples; every rank is here: Lightning dumps checkpoints on all
+            rngs: list[Any] = [None] * comm.world_size
+            dist.all_gather_object(rngs, state.get("fisher_rng"), group=comm.group)
+            state["fisher_rngs"] = rngs
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -231,6 +242,17 @@ class DPKFAC(Callback):
             self._pending_state = state_dict
         else:
             self.preconditioner.load_state_dict(state_dict)
+            self._restore_fisher_rng(state_dict)
+
+    def _restore_fisher_rng(self, state_dict: dict[str, Any]) -> None:
+        """This rank's sampled-Fisher generator from a checkpoint of the same world size."""
+        assert self.preconditioner is not None
+        rngs = state_dict.get("fisher_rngs")
+        comm = self.preconditioner.comm
+        generator = self.preconditioner._generator
+        if rngs is None or len(rngs) != comm.world_size or generator is None or rngs[comm.rank] is None:
+            return
+        generator.set_state(rngs[comm.rank])
 
 
 def check_strategy(strategy: Any, world_size: int) -> None:

@@ -53,6 +53,8 @@ __all__ = ["AdaptiveErrorController", "layer_error_bound"]
 
 def _finite_range(x: Tensor) -> float:
     """``max - min`` over the finite entries of ``x`` (0.0 when there are none)."""
+    if x.numel() == 0:
+        return 0.0
     lo, hi = torch.aminmax(x.detach().reshape(-1))
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         finite = x[torch.isfinite(x)]
@@ -110,6 +112,9 @@ class AdaptiveErrorController:
     def __init__(
         self, *, target_error: float = 0.3, adapt_interval: int = 100, max_relative_bound: float = 0.05
     ) -> None:
+        for name, value in (("target_error", target_error), ("max_relative_bound", max_relative_bound)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {name}={value!r}.")
         if not target_error > 0:
             raise ValueError(f"`target_error` must be > 0, got target_error={target_error!r}.")
         if not isinstance(adapt_interval, int) or adapt_interval < 1:

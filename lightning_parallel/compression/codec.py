@@ -54,6 +54,18 @@ class Codec(ABC):
     def decode(self, encoded: Any) -> Tensor:
         """Restores a tensor from :meth:`encode`'s result; may be called several times."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this codec's random draws (empty for deterministic codecs)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        del state_dict  # deterministic codecs have no state
+
     def roundtrip(self, x: Tensor, *, error_bound: float | None = None) -> Tensor:
         """``decode(encode(x))``, for tests and gradient-error measurements.
 

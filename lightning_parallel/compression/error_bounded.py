@@ -120,6 +120,8 @@ class ErrorBoundedCodec(Codec):
         lossless: Lossless = "none",
         zstd_level: int = 1,
     ) -> None:
+        if isinstance(error_bound, bool) or not isinstance(error_bound, (int, float)):
+            raise TypeError(f"`error_bound` must be a number, e.g. 1e-2, got error_bound={error_bound!r}.")
         if not error_bound > 0 or error_bound == float("inf"):
             raise ValueError(f"`error_bound` must be a finite number > 0, got error_bound={error_bound!r}.")
         if mode not in ("absolute", "relative"):

@@ -26,6 +26,9 @@ def make_codec(
 ) -> Codec:
     """Returns the codec called ``name`` with the arguments that apply to it.
 
+    Each value is validated once, by what consumes it (the codec's constructor, or here for the choice of
+    codec and of the lossless stage); callers such as the precision plugin let that error through.
+
     Args:
         name: one of ``"error_bounded"``, ``"kbit"``, ``"none"``.
         bits: k-bit width (``kbit``): 1, 2, 4 or 8.
@@ -37,6 +40,13 @@ def make_codec(
         lossless: ``"none"`` or ``"zstd"`` (``error_bounded``).
         seed: seed of the stochastic rounding (``kbit``).
     """
+    if lossless not in ("none", "zstd"):
+        raise ValueError(f"`lossless` must be 'none' or 'zstd', got lossless={lossless!r}.")
+    if lossless != "none" and name != "error_bounded":
+        raise ValueError(
+            f"`lossless={lossless!r}` applies to codec='error_bounded' only, got codec={name!r}; "
+            "use lossless='none' or codec='error_bounded'."
+        )
     if name == "kbit":
         return KBitCodec(bits, group_size=group_size, stochastic=stochastic, zero_mask=zero_mask, seed=seed)
     if name == "error_bounded":
@@ -44,8 +54,6 @@ def make_codec(
             raise ValueError(
                 f"`error_bound_mode` must be 'absolute' or 'relative', got error_bound_mode={error_bound_mode!r}."
             )
-        if lossless not in ("none", "zstd"):
-            raise ValueError(f"`lossless` must be 'none' or 'zstd', got lossless={lossless!r}.")
         return ErrorBoundedCodec(
             error_bound,
             mode=error_bound_mode,  # type: ignore[arg-type]

@@ -11,7 +11,8 @@ Design decisions:
   int64 draws over the whole int64 range: 8x fewer generator calls than ``torch.rand``, which
   dominated the encode time on CPU, and no strided copy. The noise comes from the codec's own ``torch.Generator`` per device, seeded
   once, so compression never consumes the global RNG and dropout masks stay those of
-  uncompressed training.
+  uncompressed training. The generators' states are the codec's ``state_dict`` (the precision plugin
+  puts them in the checkpoint), so a resumed run draws the noise the interrupted one would have drawn.
 - With ``zero_mask`` (default), exact zeros of a tensor that is at least a quarter zeros are
   kept in a 1-bit mask and only the non-zeros are quantized: ReLU's backward mask stays exact (measured on a ResNet: about the same ratio as
   plain 2-bit, gradient cosine 0.92-0.95 instead of 0.65-0.75).
@@ -22,9 +23,11 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_parallel.compression.bitpack import pack_bits, unpack_bits
 from lightning_parallel.compression.codec import Codec, tensor_nbytes
@@ -46,8 +49,8 @@ class KBitEncoded:
         group_size: elements per group.
         count: number of quantized elements.
         codes: packed codes.
-        minimum: per-group minimum (float32).
-        scale: per-group bin width (float32).
+        minimum: per-group minimum (float32; float64 when a group's range exceeds float32's).
+        scale: per-group bin width (same dtype as ``minimum``).
         nonzero: 1-bit mask of the quantized elements, or ``None`` when all are quantized.
         exc_index: flat indices of non-finite elements stored exactly, or ``None``.
         exc_value: their values, or ``None``.
@@ -140,6 +143,24 @@ class KBitCodec(Codec):
             self._generators[device] = gen
         return gen
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The state of each device's noise generator, keyed by device (``"cpu"``, ``"cuda:0"``)."""
+        return {"generators": {str(device): gen.get_state() for device, gen in self._generators.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the noise generators of :meth:`state_dict`.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        for name, gen_state in state_dict.get("generators", {}).items():
+            device = torch.device(name)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue
+            self._generator(device).set_state(gen_state.cpu())
+
     def _dither_bytes(self, n: int, device: torch.device) -> Tensor:
         """``n`` random bytes, 8 per int64 draw over the whole int64 range of the codec's own generator."""
         draws = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
@@ -191,6 +212,11 @@ class KBitCodec(Codec):
             return None  # NaN and inf propagate to the group minimum or maximum
         levels = (1 << self.bits) - 1
         scale = (hi - lo) / levels
+        if not bool(torch.isfinite(scale).all()):
+            # a group spanning more than float32's range (values near +-3e38): its width overflows to inf
+            # and every code would decode to NaN; such tensors are quantized in float64
+            v, lo, hi = v.double(), lo.double(), hi.double()
+            scale = (hi - lo) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         # floor((v - lo) / scale + u): u = (b + 0.5) / 256 for a random byte b (stochastic) or
         # 0.5 (nearest); the constant part of u is folded into the subtracted minimum and, as
@@ -229,7 +255,7 @@ class KBitCodec(Codec):
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad)])
         vals = torch.addcmul(
-            encoded.minimum.view(-1, 1), codes.view(groups, g).to(torch.float32), encoded.scale.view(-1, 1)
+            encoded.minimum.view(-1, 1), codes.view(groups, g).to(encoded.minimum.dtype), encoded.scale.view(-1, 1)
         )
         vals = vals.view(-1)[:count].to(encoded.dtype)
         return restore_dense(vals, encoded.nonzero, encoded.exc_index, encoded.exc_value, encoded.shape)

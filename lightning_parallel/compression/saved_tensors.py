@@ -158,6 +158,8 @@ class SavedTensorCompressor:
         compress_masks: bool = True,
         policy: ErrorBoundPolicy | None = None,
     ) -> None:
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int):
+            raise TypeError(f"`min_numel` must be an integer number of elements, got min_numel={min_numel!r}.")
         if min_numel < 0:
             raise ValueError(f"`min_numel` must be >= 0, got min_numel={min_numel!r}.")
         self.codec = codec
@@ -277,6 +279,7 @@ class SavedTensorCompressor:
             # kept as is: no copy, the saved view itself
             entry = _Entry(PassthroughEncoded(t.detach()), _passthrough_decode, tensor_nbytes(t), self.stats)
             self.stats.add(entry.raw, entry.packed, False)
+            self.stats.small_tensors += int(t.numel() < self.min_numel)
             self._cache[key] = (ref, entry, -1)
             return _Saved(entry, None, None)
         if dense:

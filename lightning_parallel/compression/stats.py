@@ -16,6 +16,7 @@ class CompressionStats:
         packed_bytes: bytes they hold after compression.
         tensors: unique saved storages.
         compressed_tensors: those a codec compressed (the rest stay as they are).
+        small_tensors: those kept as they are because they have fewer than ``min_numel`` elements.
         live_bytes: packed bytes held right now (across steps, until autograd frees them).
         live_raw_bytes: raw bytes of the same tensors.
         peak_saved_bytes: highest ``live_bytes`` since the last reset.
@@ -26,6 +27,7 @@ class CompressionStats:
     packed_bytes: int = 0
     tensors: int = 0
     compressed_tensors: int = 0
+    small_tensors: int = 0
     live_bytes: int = 0
     live_raw_bytes: int = 0
     peak_saved_bytes: int = 0
@@ -38,7 +40,7 @@ class CompressionStats:
 
     def reset_step(self) -> None:
         """Starts a new step: zeroes the per-step counters; peaks restart from what is live."""
-        self.raw_bytes = self.packed_bytes = self.tensors = self.compressed_tensors = 0
+        self.raw_bytes = self.packed_bytes = self.tensors = self.compressed_tensors = self.small_tensors = 0
         self.peak_saved_bytes = self.live_bytes
         self.peak_raw_bytes = self.live_raw_bytes
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
+from lightning_parallel.data.resumable import EpochRandomSampler, ResumableDataLoader
 from lightning_parallel.data.validation import check_batch_size, check_fractions
 
 
@@ -119,7 +120,12 @@ class DigitsDataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)  # type: ignore[arg-type]
+        return ResumableDataLoader(
+            self.train_set,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(self.train_set),  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_parallel.data.resumable import EpochRandomSampler, ResumableDataLoader
 from lightning_parallel.data.validation import check_batch_size
 
 
@@ -92,7 +93,11 @@ class SyntheticDataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)  # type: ignore[arg-type]
+        return ResumableDataLoader(
+            self.train_set,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(self.train_set),  # type: ignore[arg-type]
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:

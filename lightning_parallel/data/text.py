@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_parallel.data.resumable import EpochRandomSampler, ResumableDataLoader
 from lightning_parallel.data.validation import check_batch_size, check_fractions
 
 VOCAB_SIZE = 128
@@ -115,7 +116,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        data = self.splits[split]
+        if shuffle:
+            sampler = EpochRandomSampler(data)
+            return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
 
     @override
     def train_dataloader(self) -> DataLoader:

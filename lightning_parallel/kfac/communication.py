@@ -67,9 +67,7 @@ def or_zeros(update: torch.Tensor | None, layer: KFACLayer) -> torch.Tensor:
     """``update``, or a zero matrix of the layer's gradient shape and dtype to fill a broadcast."""
     if update is not None:
         return update
-    weight = layer.module.weight
-    assert isinstance(weight, torch.Tensor)
-    return torch.zeros(layer.out_dim, layer.in_dim, dtype=weight.dtype, device=weight.device)
+    return torch.zeros(layer.out_dim, layer.in_dim, dtype=layer.weight.dtype, device=layer.weight.device)
 
 
 def from_triu(packed: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Rows of the K-FAC factors of ``nn.Linear`` and ``nn.Conv2d`` layers (pure functions).
+"""Rows of the K-FAC factors of linear-like layers (pure functions).
+
+A layer is read through its :class:`~lightning_parallel.layers.registry.LinearTarget` (``nn.Linear``,
+``nn.Conv2d``, Hugging Face ``Conv1D`` with its transposed weight, the projections of
+``nn.MultiheadAttention``): a Conv2d target is unfolded into patches, every other one is a linear map.
 
 A layer's weight gradient (bias as an extra column) is a sum over rows: ``dW = sum_r g_r a_r^T``,
 with ``a_r`` an input row (a ones entry appended for the bias) and ``g_r`` the matching row of the
@@ -20,28 +24,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def supported(module: nn.Module) -> bool:
-    """Whether K-FAC handles this layer: ``nn.Linear``, or ``nn.Conv2d`` without groups or string padding.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        ``True`` for the layers this module can build factors for.
-    """
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and not isinstance(module.padding, str) and module.padding_mode == "zeros"
-    return isinstance(module, nn.Linear)
+from lightning_parallel.layers.registry import LinearTarget, linear_target
 
 
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows ``a_r`` of an ``nn.Linear`` input, with a ones column when the layer has a bias.
+def as_target(layer: nn.Module | LinearTarget) -> LinearTarget:
+    """``layer`` as a :class:`~lightning_parallel.layers.registry.LinearTarget` (a module gets the target of
+    its ``weight`` and ``bias``, as ``nn.Linear``/``nn.Conv2d`` have them)."""
+    return layer if isinstance(layer, LinearTarget) else linear_target("", layer)
+
+
+def input_rows(module: nn.Module | LinearTarget, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``a_r`` of a linear layer's input, with a ones column when the layer has a bias.
 
     (A Conv2d input goes to columns instead: :func:`input_columns`.)
 
     Args:
-        module: An ``nn.Linear``.
+        module: A linear layer (or its target).
         x: The layer's input, ``(n, ..., in_features)``.
 
     Returns:
@@ -49,7 +47,7 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     rows = x.reshape(-1, x.shape[-1])  # (n*T, in)
-    if module.bias is not None:
+    if as_target(module).bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return rows
 
@@ -97,7 +95,7 @@ def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) ->
     return out
 
 
-def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def input_gram(module: nn.Module | LinearTarget, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``sum_r a_r a_r^T`` over a layer input's rows, bias entries included, and the number of rows.
 
     One product of the rows augmented with their ones entries: a Conv2d input is unfolded
@@ -106,34 +104,35 @@ def input_gram(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     three more small writes.)
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
         x: The layer's input.
 
     Returns:
         The ``(in_dim, in_dim)`` sum and the row count.
     """
-    if isinstance(module, nn.Conv2d):
-        cols = input_columns(module, x, ones_row=module.bias is not None)
+    target = as_target(module)
+    if target.conv is not None:
+        cols = input_columns(target.conv, x, ones_row=target.bias is not None)
         return gram(cols.t()), cols.shape[1]
-    rows = input_rows(module, x)
+    rows = input_rows(target, x)
     return gram(rows), rows.shape[0]
 
 
-def output_grad_gram(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+def output_grad_gram(module: nn.Module | LinearTarget, grad: torch.Tensor) -> torch.Tensor:
     """``sum_r g_r g_r^T`` over the rows ``g_r`` of the gradient of a layer's output.
 
     A Conv2d gradient is laid out channel-major, ``(C_out, n*L)``, by one copy that moves whole
     ``L``-blocks, instead of transposing it into rows.
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
         grad: The gradient of the layer's output, shaped like the output.
 
     Returns:
         The ``(out_dim, out_dim)`` sum.
     """
     grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
-    if isinstance(module, nn.Conv2d):
+    if as_target(module).conv is not None:
         cols = grad.transpose(0, 1).reshape(grad.shape[1], -1)  # (C_out, n*L)
         return gram(cols.t())
     return gram(grad.reshape(-1, grad.shape[-1]))  # (n*T, out) rows
@@ -152,46 +151,45 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
         return rows.t() @ rows
 
 
-def gradient_matrix(module: nn.Module) -> torch.Tensor | None:
+def gradient_matrix(module: nn.Module | LinearTarget) -> torch.Tensor | None:
     """The layer's weight gradient as ``(out_dim, in_dim)``, bias gradient as the last column.
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
 
     Returns:
         The matrix, or ``None`` when the weight has no gradient.
     """
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    if weight.grad is None:
+    target = as_target(module)
+    if target.weight.grad is None:
         return None
-    mat = weight.grad.reshape(weight.shape[0], -1)
-    bias = module.bias
+    mat = target.matrix(target.weight.grad)
+    bias = target.bias
     if isinstance(bias, torch.Tensor):
-        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        bias_grad = target.bias_part(bias.grad if bias.grad is not None else torch.zeros_like(bias))
         mat = torch.cat([mat, bias_grad.reshape(-1, 1)], dim=1)
     return mat
 
 
-def write_gradient_matrix(module: nn.Module, mat: torch.Tensor, scale: float = 1.0) -> None:
+def write_gradient_matrix(module: nn.Module | LinearTarget, mat: torch.Tensor, scale: float = 1.0) -> None:
     """Writes ``scale * mat``, a ``(out_dim, in_dim)`` matrix, into the layer's weight and bias gradients.
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
         mat: The matrix, bias as the last column when the layer has a bias.
         scale: A factor applied on the way (one pass: the product is written straight into the
             gradients).
     """
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor) and weight.grad is not None
-    bias = module.bias
+    target = as_target(module)
+    grad = target.weight.grad
+    assert grad is not None
+    bias = target.bias
     if isinstance(bias, torch.Tensor):
         if bias.grad is not None:
-            _write(bias.grad, mat[:, -1], scale)
+            _write(target.bias_part(bias.grad), mat[:, -1], scale)
         mat = mat[:, :-1]
-    grad = weight.grad
-    if grad.is_contiguous():  # straight into a view, no temporary
-        _write(grad.view(grad.shape[0], -1), mat, scale)
+    if grad.is_contiguous() or target.transposed:  # straight into a view, no temporary
+        _write(target.matrix(grad), mat, scale)
     else:
         _write(grad, mat.reshape(grad.shape), scale)
 
@@ -203,16 +201,14 @@ def _write(dst: torch.Tensor, src: torch.Tensor, scale: float) -> None:
         torch.mul(src, scale, out=dst)
 
 
-def layer_dims(module: nn.Module) -> tuple[int, int]:
+def layer_dims(module: nn.Module | LinearTarget) -> tuple[int, int]:
     """``(in_dim, out_dim)``: the sizes of the layer's A and G factors.
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
 
     Returns:
         The sizes, ``in_dim`` including the bias column.
     """
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    in_dim = weight[0].numel() + (1 if module.bias is not None else 0)
-    return in_dim, weight.shape[0]
+    target = as_target(module)
+    return target.in_features + (1 if target.bias is not None else 0), target.out_features

@@ -1,4 +1,4 @@
-"""The K-FAC state of one ``nn.Linear`` or ``nn.Conv2d`` layer.
+"""The K-FAC state of one linear-like layer (one :class:`~lightning_parallel.layers.registry.LinearTarget`).
 
 Design decisions:
 
@@ -23,7 +23,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_parallel.kfac.factors import input_gram, layer_dims, output_grad_gram
+from lightning_parallel.kfac import recording
+from lightning_parallel.kfac.factors import as_target, input_gram, layer_dims, output_grad_gram
+from lightning_parallel.layers.registry import LinearTarget
 
 Method = Literal["eigen", "inverse"]
 
@@ -33,16 +35,16 @@ class KFACLayer:
 
     Args:
         name: The layer's qualified name in the model.
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: The layer's target (an ``nn.Linear`` or ``nn.Conv2d`` module stands for its own target).
     """
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module | LinearTarget) -> None:
         self.name = name
-        self.module = module
-        self.in_dim, self.out_dim = layer_dims(module)
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
-        self.dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.target = as_target(module)
+        self.module = self.target.module  # the module whose forward applies the weight
+        self.weight = self.target.weight
+        self.in_dim, self.out_dim = layer_dims(self.target)
+        self.dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.reset_accumulators()
         self.a_factor: torch.Tensor | None = None  # running A, (in_dim, in_dim)
         self.g_factor: torch.Tensor | None = None  # running G, (out_dim, out_dim)
@@ -57,14 +59,11 @@ class KFACLayer:
     @property
     def device(self) -> torch.device:
         """The device of the layer's weight."""
-        weight = self.module.weight
-        assert isinstance(weight, torch.Tensor)
-        return weight.device
+        return self.weight.device
 
     def has_grad(self) -> bool:
         """Whether the layer's weight has a gradient."""
-        weight = self.module.weight
-        return isinstance(weight, torch.Tensor) and weight.grad is not None
+        return self.weight.grad is not None
 
     # ------------------------------------------------------------------ hook data
     def reset_accumulators(self) -> None:
@@ -72,6 +71,7 @@ class KFACLayer:
         self.a_sum: torch.Tensor | None = None
         self.a_rows = 0
         self.examples = 0
+        self._examples_scope: object | None = None  # the shared-weights scope whose examples are counted
         self.g_sum: torch.Tensor | None = None
 
     def accumulate_input(self, x: torch.Tensor) -> None:
@@ -80,10 +80,13 @@ class KFACLayer:
         Args:
             x: The layer's input tensor.
         """
-        contribution, rows = input_gram(self.module, x.to(self.dtype))
+        contribution, rows = input_gram(self.target, x.to(self.dtype))
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
         self.a_rows += rows
-        self.examples += x.shape[0]
+        scope = recording.current_scope()
+        if scope is None or scope is not self._examples_scope:  # repeated calls in a scope: examples once
+            self.examples += x.shape[0]
+            self._examples_scope = scope
 
     def accumulate_grad(self, grad: torch.Tensor) -> None:
         """Adds the gradient of a forward call's output to the current step's ``G`` sum.
@@ -91,7 +94,7 @@ class KFACLayer:
         Args:
             grad: The gradient of the layer's output.
         """
-        contribution = output_grad_gram(self.module, grad.to(self.dtype))
+        contribution = output_grad_gram(self.target, grad.to(self.dtype))
         self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
 
     def batch_factors(
@@ -247,9 +250,7 @@ class KFACLayer:
         Args:
             state: The saved state.
         """
-        weight = self.module.weight
-        assert isinstance(weight, torch.Tensor)
-        device = weight.device
+        device = self.weight.device
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=self.dtype)

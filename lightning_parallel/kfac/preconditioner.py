@@ -56,12 +56,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_parallel.kfac import recording
 from lightning_parallel.kfac.assignment import assign_owners, layer_cost
 from lightning_parallel.kfac.communication import Communicator, from_triu, or_zeros
-from lightning_parallel.kfac.factors import gradient_matrix, supported, write_gradient_matrix
+from lightning_parallel.kfac.factors import gradient_matrix, write_gradient_matrix
 from lightning_parallel.kfac.fisher import prediction_module, sampled_output_grad
 from lightning_parallel.kfac.layer import KFACLayer
 from lightning_parallel.kfac.options import KFACOptions
+from lightning_parallel.layers.registry import find_targets, weight_coverage
 
 COUNTERS = ("factor_seconds", "decomposition_seconds", "precondition_seconds", "communication_seconds")
 
@@ -83,11 +85,9 @@ class KFACPreconditioner:
     def __init__(self, model: nn.Module, options: KFACOptions | None = None, group: Any = None) -> None:
         self.options = options if options is not None else KFACOptions()
         self.comm = Communicator(group)
-        self.layers: list[KFACLayer] = []
-        for name, module in model.named_modules():
-            if not supported(module) or self._skipped(name, module):
-                continue
-            self.layers.append(KFACLayer(name, module))
+        # the layer registry says which modules are linear-like and how to read them
+        self.layers = [KFACLayer(t.name, t) for t in find_targets(model, self._skipped)]
+        self.coverage = weight_coverage(model, [layer.weight for layer in self.layers], "K-FAC")
         if not self.layers:
             raise ValueError(
                 f"`model` ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer left to precondition"
@@ -131,7 +131,7 @@ class KFACPreconditioner:
         if record and not self._handles:
             for index, layer in enumerate(self.layers):
                 if self.is_local(index):
-                    self._handles.append(layer.module.register_forward_hook(self._forward_hook(index)))
+                    self._handles.append(layer.target.observe(self._forward_hook(index)))
             if self._output_module is not None:  # after the layers' hooks: it sees their pending outputs
                 self._handles.append(self._output_module.register_forward_hook(self._sample_hook))
         elif not record and self._handles:
@@ -157,13 +157,15 @@ class KFACPreconditioner:
             layer.accumulate_grad(grad)
             self.counters["factor_seconds"] += self.clock() - start
 
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled() and self.is_local(index)):
+        def hook(x: torch.Tensor, output: torch.Tensor) -> None:
+            if recording.is_paused():  # a solver's Jacobian product, not part of the model's gradient
                 return
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not (layer.module.training and torch.is_grad_enabled() and self.is_local(index)):
+                return
+            if not output.requires_grad:
                 return
             start = self.clock()
-            layer.accumulate_input(inputs[0])
+            layer.accumulate_input(x)
             self.counters["factor_seconds"] += self.clock() - start
             output.register_hook(grad_hook)
             if sampled:
@@ -178,11 +180,8 @@ class KFACPreconditioner:
         pending, self._pending = list(self._pending), {}
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        weights = [
-            w
-            for w in (self.layers[i].module.weight for i in pending)
-            if isinstance(w, torch.Tensor) and w.requires_grad
-        ]
+        # one entry per parameter: the projections of an attention share its in_proj_weight
+        weights = list({id(w): w for w in (self.layers[i].weight for i in pending) if w.requires_grad}.values())
         if not weights:
             return
         start = self.clock()
@@ -346,7 +345,7 @@ class KFACPreconditioner:
         grads: list[torch.Tensor | None] = [None] * n
         for index, layer in enumerate(self.layers):
             if self.is_local(index) and layer.decomposition:
-                mat = gradient_matrix(layer.module)
+                mat = gradient_matrix(layer.target)
                 if mat is not None:
                     grads[index], updates[index] = mat, layer.precondition(mat, damping)
         # <v, g> per layer: the KL-clip terms, and one finiteness check of gradient and update (any
@@ -379,7 +378,7 @@ class KFACPreconditioner:
         nu = self._kl_clip_scale(step, optimizer, terms, [u is not None for u in updates])
         for layer, update in zip(self.layers, updates):
             if update is not None and layer.has_grad():
-                write_gradient_matrix(layer.module, update, nu)
+                write_gradient_matrix(layer.target, update, nu)
         self.counters["precondition_seconds"] += self.clock() - start
 
     def _broadcast_updates(self, updates: list[torch.Tensor | None], terms: list[float]) -> None:
@@ -416,7 +415,7 @@ class KFACPreconditioner:
         total = 0.0
         for layer, term, scaled in zip(self.layers, terms, done):
             if scaled and self._counts_for_kl(layer):
-                lr = float(lrs.get(id(layer.module.weight), 0.0))
+                lr = float(lrs.get(id(layer.weight), 0.0))
                 total += term * lr * lr
         total = self._reduce_kl(total)
         if total == 0.0 or math.isnan(total):

@@ -4,7 +4,9 @@ A partition is written as the number of blocks per stage, e.g. ``[3, 2, 2, 1]`` 
 stage 0, blocks 3-4 on stage 1 and so on. Methods:
 
 - ``uniform``: equal block counts (earlier stages take the remainder), the way DeepSpeed's
-  ``partition_method="uniform"`` does it.
+  ``partition_method="uniform"`` does it. :func:`outer_first_partition` is the same with the remainder
+  given to the outer stages first (the default of interlocking backprop, whose first and last blocks,
+  stem and pooling head, are usually the cheapest).
 - ``parameters``: balance the number of parameters per stage (DeepSpeed's default).
 - ``profile``: measure each block's forward + backward time, parameter bytes and the bytes it saves
   for backward on one micro-batch (:func:`profile_blocks`), then balance the time.
@@ -69,6 +71,23 @@ def uniform_partition(num_blocks: int, stages: int) -> list[int]:
     _check_counts(num_blocks, stages)
     base, extra = divmod(num_blocks, stages)
     return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def outer_first_partition(num_blocks: int, stages: int) -> list[int]:
+    """Blocks per stage with equal counts; the leftover blocks go to the outer stages first.
+
+    The order is last, first, second-to-last, second, ...: ``outer_first_partition(6, 4) == [2, 1, 1, 2]``.
+
+    Args:
+        num_blocks: number of blocks.
+        stages: number of stages.
+    """
+    _check_counts(num_blocks, stages)
+    counts = [num_blocks // stages] * stages
+    outer_first = sorted(range(stages), key=lambda s: (min(s, stages - 1 - s), -s))
+    for s in outer_first[: num_blocks % stages]:
+        counts[s] += 1
+    return counts
 
 
 def balanced_partition(costs: Sequence[float], stages: int) -> list[int]:
@@ -275,7 +294,7 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 def partition_blocks(
     blocks: Sequence[nn.Module],
     stages: int,
-    method: PartitionMethod | Sequence[int] = "uniform",
+    method: PartitionMethod | str | Sequence[int] = "uniform",
     *,
     sample_input: torch.Tensor | None = None,
     profiles: Sequence[BlockProfile] | None = None,
@@ -388,6 +407,7 @@ __all__ = [
     "check_partition",
     "describe_partition",
     "flop_counts",
+    "outer_first_partition",
     "parameter_counts",
     "partition_blocks",
     "profile_blocks",

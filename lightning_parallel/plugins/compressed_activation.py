@@ -13,11 +13,13 @@ Design decisions:
 - The module given to ``convert_module`` is registered so that its parameters and buffers are
   never compressed, and (with ``adaptive=True``) its Linear and Conv layers are hooked by the
   :class:`~lightning_parallel.compression.AdaptiveErrorController`, which recalibrates after
-  backward every ``adapt_interval`` steps. Its state goes into the checkpoint through
-  ``state_dict``/``load_state_dict``, next to the inner precision's.
+  backward every ``adapt_interval`` steps. Its state, and the codec's (the k-bit stochastic
+  rounding generators), go into the checkpoint through ``state_dict``/``load_state_dict``, next to
+  the inner precision's, so a run resumed mid-epoch draws the same rounding noise.
 - After every training forward the step's accounting (compression ratio, raw and packed bytes
   over unique storages, peak saved bytes) is logged as ``compression/<name>`` and kept in
-  :attr:`last_stats`.
+  :attr:`last_stats`. If the first training step saved tensors and compressed none (every one below
+  ``min_numel``, or kept exact), a warning says so once, with the counts.
 """
 
 from __future__ import annotations
@@ -29,17 +31,16 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_parallel.compression import (
-    CODECS,
     AdaptiveErrorController,
     CompressionStats,
     SavedTensorCompressor,
     make_codec,
 )
-from lightning_parallel.compression.kbit import ALLOWED_BITS
 from lightning_parallel.plugins._wrapping import WrappingPrecision
 
 __all__ = ["CompressedActivationPrecision"]
@@ -61,7 +62,8 @@ class CompressedActivationPrecision(WrappingPrecision):
         error_bound: error bound (``error_bounded``), > 0; absolute, or a fraction of each tensor's
             value range with ``error_bound_mode="relative"``. Default 1e-2.
         error_bound_mode: ``"relative"`` (default) or ``"absolute"``.
-        lossless: ``"none"`` (default) or ``"zstd"`` after error-bounded coding on CPU (``zstd`` extra).
+        lossless: ``"none"`` (default) or ``"zstd"`` after error-bounded coding on CPU (``zstd`` extra);
+            ``"zstd"`` with another codec is refused.
         min_numel: tensors with fewer elements are kept as they are. Default 1024.
         compress_masks: store boolean and 0/1 integer tensors in 1 bit. Default ``True``.
         adaptive: choose per-layer error bounds from gradient statistics (``error_bounded``).
@@ -93,12 +95,8 @@ class CompressedActivationPrecision(WrappingPrecision):
         log_stats: bool = True,
         seed: int = 0,
     ) -> None:
-        if codec not in CODECS:
-            raise ValueError(f"`codec` must be one of {CODECS}, got codec={codec!r}.")
-        if bits not in ALLOWED_BITS:
-            raise ValueError(f"`bits` must be one of {ALLOWED_BITS}, got bits={bits!r}.")
-        if not error_bound > 0:
-            raise ValueError(f"`error_bound` must be > 0, got error_bound={error_bound!r}.")
+        # codec, bits, error_bound, lossless, min_numel, target_error ... are validated once, by the codec,
+        # the compressor and the controller that consume them; their errors reach the caller unchanged
         if adaptive and codec != "error_bounded":
             raise ValueError(f"`adaptive=True` needs codec='error_bounded', got codec={codec!r}.")
         super().__init__(inner)
@@ -127,6 +125,7 @@ class CompressedActivationPrecision(WrappingPrecision):
         )
         self.last_stats = CompressionStats()
         self._module: pl.LightningModule | None = None
+        self._checked_coverage = False
 
     # ---- compression ----------------------------------------------------------------------------
 
@@ -149,7 +148,24 @@ class CompressedActivationPrecision(WrappingPrecision):
         with watch, self.compressor:
             yield
         self.last_stats = copy.copy(self.compressor.stats)
+        self._warn_if_nothing_compressed()
         self._log()
+
+    def _warn_if_nothing_compressed(self) -> None:
+        """Warns once when a training step saved tensors and none of them was compressed."""
+        stats = self.last_stats
+        if self._checked_coverage or stats.tensors == 0:
+            return
+        self._checked_coverage = True
+        if stats.compressed_tensors > 0:
+            return
+        rank_zero_warn(
+            f"CompressedActivationPrecision compressed none of the {stats.tensors} tensors saved in a training "
+            f"step ({stats.raw_bytes} bytes): {stats.small_tensors} have fewer than min_numel="
+            f"{self.compressor.min_numel} elements, the other {stats.tensors - stats.small_tensors} are kept "
+            "exact (softmax outputs, per-row statistics, non-float tensors). Lower `min_numel` to compress "
+            "small activations; the compression ratio is 1.0."
+        )
 
     def _log(self) -> None:
         module = self._module
@@ -182,6 +198,7 @@ class CompressedActivationPrecision(WrappingPrecision):
         return {
             "inner": self.inner.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
+            "codec": self.compressor.codec.state_dict(),
         }
 
     @override
@@ -190,6 +207,8 @@ class CompressedActivationPrecision(WrappingPrecision):
             self.inner.load_state_dict(state_dict["inner"])
         if self.controller is not None and state_dict.get("controller") is not None:
             self.controller.load_state_dict(state_dict["controller"])
+        if state_dict.get("codec"):
+            self.compressor.codec.load_state_dict(state_dict["codec"])
 
     # ---- every other hook is handed to the inner precision by WrappingPrecision ------------------
 

@@ -29,20 +29,20 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_parallel.plugins._wrapping import WrappingPrecision
-from lightning_parallel.quantization.convert import QAT_LAYERS, convert_to_qat
+from lightning_parallel.quantization.convert import convert_to_qat, converted_coverage, is_converted
 from lightning_parallel.quantization.state import load_quantizer_state_dict, quantizer_state_dict
 
 QuantizationMode = Literal["qat-int8", "qat-int4", "bnb-int8", "bnb-nf4"]
 MODES = ("qat-int8", "qat-int4", "bnb-int8", "bnb-nf4")
 OPTIMIZERS = ("adam8bit",)
 _STATE_KEY = "quantization_mode"
-
 
 
 class QuantizationPrecision(WrappingPrecision):
@@ -174,10 +174,7 @@ class QuantizationPrecision(WrappingPrecision):
 
     # ----------------------------------------------------------------- model and optimizers
     def _is_converted(self, module: nn.Module) -> bool:
-        for sub in module.modules():
-            if isinstance(sub, QAT_LAYERS) or type(sub).__name__ in ("FrozenLinear8bit", "FrozenLinearNF4"):
-                return True
-        return False
+        return any(is_converted(sub) for sub in module.modules())
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -201,6 +198,9 @@ class QuantizationPrecision(WrappingPrecision):
                     ignore_modules=self.ignore_modules,
                     threshold=self.int8_threshold,
                 )
+            converted_coverage(module, f"QuantizationPrecision(mode={self.mode!r})").report(
+                rank_zero_info, rank_zero_warn
+            )
         self._module = module
         if self._pending_quantizers is not None:
             load_quantizer_state_dict(module, self._pending_quantizers)

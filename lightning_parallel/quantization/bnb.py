@@ -58,7 +58,8 @@ def convert_to_bnb(
     threshold: float = 0.0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` layers of ``module`` by frozen bitsandbytes layers, in place.
+    """Replace the layers of ``module`` that the layer registry can freeze (``nn.Linear``) by frozen
+    bitsandbytes layers, in place.
 
     Args:
         module: the float model.
@@ -73,17 +74,12 @@ def convert_to_bnb(
     if quant_type not in ("int8", "nf4"):
         raise ValueError(f"quant_type={quant_type!r} is not supported; use 'int8' or 'nf4'.")
     require_bitsandbytes(f"quant_type={quant_type!r}")
-    from lightning_parallel.quantization import bnb_layers
-
-    layers = find_layers(module, ignore_modules, (nn.Linear,))
     new: dict[str, nn.Module] = {}
-    for name, layer in layers:
-        if not isinstance(layer, nn.Linear):
-            continue
-        if quant_type == "int8":
-            new[name] = bnb_layers.FrozenLinear8bit.from_float(layer, threshold=threshold)
-        else:
-            new[name] = bnb_layers.FrozenLinearNF4.from_float(layer, compute_dtype=compute_dtype)
+    for name, layer, layer_type in find_layers(module, ignore_modules, "bnb"):
+        assert layer_type.to_bnb is not None  # find_layers keeps only those
+        new[name] = layer_type.to_bnb(
+            layer, quant_type=quant_type, threshold=threshold, compute_dtype=compute_dtype
+        )
     return replace_layers(module, new)
 
 

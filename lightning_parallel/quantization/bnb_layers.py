@@ -6,12 +6,15 @@ bitsandbytes is installed first.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import bitsandbytes as bnb
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
+
+_WARNED_NF4 = False
 
 
 def _load_float_weight(
@@ -46,6 +49,9 @@ def _load_float_weight(
 
 class FrozenLinear8bit(bnb.nn.Linear8bitLt):
     """``bnb.nn.Linear8bitLt`` with a frozen int8 weight and a trainable float bias."""
+
+    converted = True
+    frozen_weight = True  # nothing for K-FAC to precondition
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, threshold: float = 0.0) -> FrozenLinear8bit:
@@ -96,6 +102,9 @@ class FrozenLinear8bit(bnb.nn.Linear8bitLt):
 class FrozenLinearNF4(bnb.nn.Linear4bit):
     """``bnb.nn.Linear4bit`` (NF4) with a frozen 4-bit weight and a trainable float bias."""
 
+    converted = True
+    frozen_weight = True
+
     @classmethod
     def from_float(cls, linear: nn.Linear, *, compute_dtype: torch.dtype = torch.float32) -> FrozenLinearNF4:
         """Quantize ``linear``'s weight to NF4; its bias parameter is reused.
@@ -126,6 +135,26 @@ class FrozenLinearNF4(bnb.nn.Linear4bit):
         weight: Any = self.weight
         w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         return w.float().reshape(self.out_features, self.in_features)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)  # type: ignore[no-any-return]
+        try:
+            return super().forward(x)  # type: ignore[no-any-return]
+        except (RuntimeError, AssertionError) as err:
+            # bitsandbytes' CPU inference path (taken in eval mode) fails on shapes its training path handles
+            # (0.50: a reshape error, or an assertion that out_features divide its block); that path is the
+            # dequantized weight times the input, computed here.
+            global _WARNED_NF4
+            if not _WARNED_NF4:
+                _WARNED_NF4 = True
+                warnings.warn(
+                    f"bitsandbytes' NF4 CPU kernel failed ({err}); FrozenLinearNF4 multiplies by the dequantized "
+                    "weight instead (the result of its training path) from now on.",
+                    stacklevel=2,
+                )
+            return torch.nn.functional.linear(x, self.float_weight().to(x.dtype), self.bias)
 
     @override
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

@@ -1,26 +1,33 @@
 """Module swapping: turn a float model into a quantization-aware one.
 
-Layers are selected by type (``nn.Linear`` and ``nn.Conv2d``, including subclasses) and by qualified name
-(``model.named_modules()`` names such as ``"blocks.0.conv1"``). Name patterns use ``fnmatch`` syntax
+Layers are selected by type, through the layer registry (:mod:`lightning_parallel.layers.registry`:
+``nn.Linear`` and ``nn.Conv2d`` including subclasses, Hugging Face ``Conv1D``, ``nn.MultiheadAttention``, and
+any type a user registers), and by qualified name (``model.named_modules()`` names such as ``"blocks.0.conv1"``). Name patterns use ``fnmatch`` syntax
 (``"blocks.*.mlp.*"``); a pattern also covers everything below the module it names, so ``"head"``
 ignores ``"head.fc"``. Every pattern must match at least one module, so a typo fails loudly instead of
 silently quantizing a layer meant to stay in float.
 
-Linear layers inside ``nn.MultiheadAttention`` are skipped: that module reads ``out_proj.weight`` directly,
-so a swapped layer would never be called.
+``nn.MultiheadAttention`` is converted as a whole (its ``out_proj`` is read by the attention, never called, so
+swapping it alone would change nothing). Converted layers are never converted again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import Literal
 
 from torch import nn
 
+from lightning_parallel.layers.registry import (
+    Coverage,
+    LayerType,
+    layer_types,
+    matched_modules,
+    weight_coverage,
+)
 from lightning_parallel.quantization.fake_quantize import quant_range
-from lightning_parallel.quantization.qat_layers import QATConv2d, QATLinear
-
-QAT_LAYERS = (QATLinear, QATConv2d)
+from lightning_parallel.quantization.quantizer_base import QuantizerBase
 
 
 def name_matches(name: str, patterns: Sequence[str]) -> bool:
@@ -48,33 +55,52 @@ def check_patterns(module: nn.Module, patterns: Sequence[str], argument: str) ->
             )
 
 
+def is_converted(module: nn.Module) -> bool:
+    """Whether ``module`` is one of our QAT, exported or bitsandbytes layers (their class says so)."""
+    return bool(getattr(type(module), "converted", False))
+
+
+def converted_coverage(module: nn.Module, feature: str) -> Coverage:
+    """How many of ``module``'s weight parameters sit in converted layers (by count and by bytes).
+
+    Args:
+        module: a converted model.
+        feature: the feature's name, for messages.
+    """
+    quantizers = [p for sub in module.modules() if isinstance(sub, QuantizerBase) for p in sub.parameters()]
+    covered = [p for sub in module.modules() if is_converted(sub) for p in sub.parameters()]
+    return weight_coverage(module, covered, feature, ignore=quantizers)
+
+
 def find_layers(
     module: nn.Module,
     ignore_modules: Sequence[str],
-    types: tuple[type[nn.Module], ...],
+    purpose: Literal["qat", "bnb"],
     argument: str = "model",
-) -> list[tuple[str, nn.Module]]:
-    """The ``(name, layer)`` pairs of ``types`` in ``module`` that ``ignore_modules`` does not exclude.
+) -> list[tuple[str, nn.Module, LayerType]]:
+    """The ``(name, layer, type)`` of the layers of ``module`` that the registry can convert for ``purpose``.
 
-    Raises ``ValueError`` when there is none.
+    Layers matched by ``ignore_modules`` and already converted layers are left out. Raises ``ValueError``
+    when there is none.
 
     Args:
         module: the model.
         ignore_modules: ``fnmatch`` patterns of modules to leave alone.
-        types: layer types to select.
+        purpose: ``"qat"`` (types with a QAT replacement) or ``"bnb"`` (types with a bitsandbytes one).
         argument: how to name the model in error messages.
     """
     check_patterns(module, ignore_modules, "ignore_modules")
-    skip_below = [name for name, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    found = []
-    for name, layer in module.named_modules():
-        if type(layer) in QAT_LAYERS or not isinstance(layer, types):
-            continue
-        if any(name.startswith(p + ".") for p in skip_below) or name_matches(name, ignore_modules):
-            continue
-        found.append((name, layer))
+    attribute = f"to_{purpose}"
+    found = [
+        (name, layer, layer_type)
+        for name, layer, layer_type in matched_modules(
+            module, lambda name, layer: is_converted(layer) or name_matches(name, ignore_modules)
+        )
+        if getattr(layer_type, attribute) is not None
+    ]
     if not found:
-        kinds = " or ".join(t.__name__ for t in types)
+        names = [t.name.removeprefix("nn.").split()[-1] for t in layer_types() if getattr(t, attribute)]
+        kinds = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
         raise ValueError(
             f"{argument} {type(module).__name__} has no {kinds} layer to quantize "
             f"(ignore_modules={list(ignore_modules)}); use a model with such layers or ignore fewer modules."
@@ -83,13 +109,43 @@ def find_layers(
 
 
 def replace_layers(module: nn.Module, new_layers: Mapping[str, nn.Module]) -> nn.Module:
-    """Put each ``new_layers[name]`` in place of the submodule ``name``; returns the (new) root."""
+    """Put each ``new_layers[name]`` in place of the submodule ``name``; returns the (new) root.
+
+    ``nn.TransformerEncoderLayer``s that then hold a converted layer lose their evaluation fast path
+    (:func:`disable_encoder_fast_path`).
+    """
     for name, layer in new_layers.items():
         if not name:
             return layer
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, layer)
+    disable_encoder_fast_path(module)
     return module
+
+
+def disable_encoder_fast_path(module: nn.Module) -> int:
+    """Turn off the evaluation fast path of every ``nn.TransformerEncoderLayer`` that holds a converted layer.
+
+    In ``eval()`` without gradients, ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) call one
+    fused kernel with the *float* weights of the attention and of ``linear1``/``linear2``, which skips the
+    fake quantizers (and breaks on integer or bitsandbytes weights). Their own switch for it is the
+    ``activation_relu_or_gelu`` flag (the activation itself stays ``activation``); it is set to 0 here.
+
+    Args:
+        module: the model.
+
+    Returns:
+        How many encoder layers were switched.
+    """
+    switched = 0
+    for sub in module.modules():
+        converted = isinstance(sub, nn.TransformerEncoderLayer) and any(
+            is_converted(m) for m in sub.modules()
+        )
+        if converted and sub.activation_relu_or_gelu:
+            sub.activation_relu_or_gelu = 0  # type: ignore[assignment]
+            switched += 1
+    return switched
 
 
 def resolve_bits(name: str, default: int, module_bits: Mapping[str, int]) -> int:
@@ -109,7 +165,7 @@ def convert_to_qat(
     ignore_modules: Sequence[str] = (),
     module_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
-    """Swap every ``nn.Linear``/``nn.Conv2d`` of ``module`` for its QAT counterpart, in place.
+    """Swap every layer of ``module`` that the layer registry knows for its QAT counterpart, in place.
 
     Args:
         module: the float model.
@@ -135,13 +191,10 @@ def convert_to_qat(
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size={group_size!r} must be a positive integer (for example 64) or None.")
     check_patterns(module, list(module_bits), "module_bits")
-    layers = find_layers(module, ignore_modules, (nn.Linear, nn.Conv2d))
     new: dict[str, nn.Module] = {}
-    for name, layer in layers:
+    for name, layer, layer_type in find_layers(module, ignore_modules, "qat"):
+        assert layer_type.to_qat is not None  # find_layers keeps only those
         bits = resolve_bits(name, weight_bits, module_bits)
         groups = group_size if bits <= 4 else None
-        factory: Callable[..., nn.Module] = (
-            QATConv2d.from_float if isinstance(layer, nn.Conv2d) else QATLinear.from_float
-        )
-        new[name] = factory(layer, weight_bits=bits, act_bits=act_bits, group_size=groups)
+        new[name] = layer_type.to_qat(layer, weight_bits=bits, act_bits=act_bits, group_size=groups)
     return replace_layers(module, new)

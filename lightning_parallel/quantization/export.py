@@ -8,8 +8,12 @@ import torch
 from torch import nn
 
 from lightning_parallel.quantization.convert import replace_layers
-from lightning_parallel.quantization.qat_layers import QATConv2d, QATLinear
-from lightning_parallel.quantization.quantized_layers import QuantizedConv2d, QuantizedLinear
+from lightning_parallel.quantization.qat_layers import QATConv1D, QATConv2d, QATLinear, QATMultiheadAttention
+from lightning_parallel.quantization.quantized_layers import (
+    QuantizedConv2d,
+    QuantizedLinear,
+    QuantizedMultiheadAttention,
+)
 from lightning_parallel.quantization.quantized_weight import QuantizedWeight
 
 
@@ -32,7 +36,8 @@ def export_quantized(
     """
     if scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"scale_dtype={scale_dtype} is not supported; use torch.float16 or torch.float32.")
-    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, (QATLinear, QATConv2d))]
+    qat = (QATLinear, QATConv2d, QATConv1D, QATMultiheadAttention)
+    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, qat)]
     if not layers:
         raise ValueError(
             f"module {type(module).__name__} has no QAT layer to export; convert it with convert_to_qat "
@@ -44,7 +49,9 @@ def export_quantized(
         layer = target.get_submodule(name) if name else target
         if isinstance(layer, QATConv2d):
             new[name] = QuantizedConv2d.from_qat(layer, scale_dtype=scale_dtype)
-        elif isinstance(layer, QATLinear):
+        elif isinstance(layer, QATMultiheadAttention):
+            new[name] = QuantizedMultiheadAttention.from_qat(layer, scale_dtype=scale_dtype)
+        elif isinstance(layer, (QATLinear, QATConv1D)):
             new[name] = QuantizedLinear.from_qat(layer, scale_dtype=scale_dtype)
     return replace_layers(target, new)
 

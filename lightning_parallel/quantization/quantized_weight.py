@@ -65,25 +65,44 @@ class QuantizedWeight(nn.Module):
         return f"bits={self.bits}, shape={self.shape}, {granularity}"
 
 
+def quantized_weight(quantizer: Any, weight: Tensor, scale_dtype: torch.dtype) -> QuantizedWeight:
+    """The integer weight a trained ``WeightFakeQuantizer`` makes of ``weight`` (``(C_out, ...)`` layout)."""
+    codes, scale = quantizer.integer_weight(weight)
+    return QuantizedWeight(
+        codes,
+        scale,
+        bits=quantizer.bits,
+        shape=weight.shape,
+        group_size=quantizer.group_size,
+        scale_dtype=scale_dtype,
+    )
+
+
+def input_step(quantizer: Any) -> tuple[Tensor | None, tuple[int, int]]:
+    """The learned input step size and integer range of an ``ActivationFakeQuantizer`` (``None, (0, 0)``
+    without one)."""
+    if quantizer is None:
+        return None, (0, 0)
+    return quantizer.scale().detach(), quantizer.qrange()
+
+
 def export_parts(
-    layer: Any, scale_dtype: torch.dtype
+    layer: Any, scale_dtype: torch.dtype, weight: Tensor | None = None
 ) -> tuple[QuantizedWeight, Tensor | None, Tensor | None, tuple[int, int]]:
-    """What an exported layer keeps of a trained QAT layer (``QATLinear`` or ``QATConv2d``).
+    """What an exported layer keeps of a trained QAT layer (``QATLinear``, ``QATConv2d``, ``QATConv1D``).
+
+    Args:
+        layer: the QAT layer.
+        scale_dtype: storage dtype of the weight step sizes.
+        weight: the weight in ``(C_out, ...)`` layout (default ``layer.weight``).
 
     Returns:
         The integer weight, the bias, the input step size (``None`` for weight-only QAT) and the input's
         integer range (``(0, 0)`` without input quantization).
     """
-    wq = layer.weight_quantizer
-    codes, scale = wq.integer_weight(layer.weight)
-    weight = QuantizedWeight(
-        codes,
-        scale,
-        bits=wq.bits,
-        shape=layer.weight.shape,
-        group_size=wq.group_size,
-        scale_dtype=scale_dtype,
+    weight = layer.weight if weight is None else weight
+    return (
+        quantized_weight(layer.weight_quantizer, weight, scale_dtype),
+        layer.bias,
+        *input_step(layer.input_quantizer),
     )
-    iq = layer.input_quantizer
-    input_scale = None if iq is None else iq.scale().detach()
-    return weight, layer.bias, input_scale, (0, 0) if iq is None else iq.qrange()

@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_parallel.strategies.auxnet import AuxNetStrategy
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 from lightning_parallel.strategies.interlocking import InterlockingBackpropStrategy
 
@@ -22,4 +23,6 @@ _register("pipeline_gpipe", ChimeraStrategy, "GPipe pipeline over all processes"
 
 _register("interlocking", InterlockingBackpropStrategy, "Interlocking backprop (k-wise local losses), one stage per process")
 
-__all__: list[str] = ["ChimeraStrategy", "InterlockingBackpropStrategy"]
+_register("auxnet", AuxNetStrategy, "AuxNet forward-unlocked training (auxiliary networks, penalty / AL losses)")
+
+__all__: list[str] = ["AuxNetStrategy", "ChimeraStrategy", "InterlockingBackpropStrategy"]

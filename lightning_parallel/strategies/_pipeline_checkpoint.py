@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_parallel.utils.flat import flat_collective
+
 
 @dataclass(frozen=True)
 class HeldParameter:
@@ -50,13 +52,10 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Any = No
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for dtype in sorted(by_dtype, key=str):
         group_tensors = by_dtype[dtype]
-        flat = torch.cat([t.detach().reshape(-1) for t in group_tensors])
-        dist.broadcast(flat, src=src, group=group)
-        offset = 0
+        received = flat_collective(group_tensors, lambda flat: dist.broadcast(flat, src=src, group=group))
         with torch.no_grad():
-            for tensor in group_tensors:
-                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
+            for tensor, value in zip(group_tensors, received):
+                tensor.copy_(value)
 
 
 def module_tensors(modules: Sequence[nn.Module]) -> list[torch.Tensor]:

@@ -149,24 +149,12 @@ class ChimeraStrategy(PipelineStrategy):
             raise ValueError(f"micro_batches={micro_batches} must be positive, e.g. equal to stages.")
         if schedule not in SCHEDULE_KINDS:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULE_KINDS}.")
-        if isinstance(partition, str):
-            if partition not in PARTITION_METHODS:
-                raise ValueError(
-                    f"partition={partition!r} is not one of {PARTITION_METHODS} or a list of blocks per "
-                    "stage such as [2, 2]."
-                )
-        else:
-            partition = [int(size) for size in partition]
-            if stages is not None and len(partition) != stages:
-                raise ValueError(
-                    f"partition={partition} lists {len(partition)} stages but stages={stages}; "
-                    "give one block count per stage."
-                )
+        checked_partition = self._check_partition(partition, stages, methods=PARTITION_METHODS)
         if forward_doubling and not schedule.startswith("chimera"):
             raise ValueError(f"forward_doubling=True needs schedule='chimera', not schedule={schedule!r}.")
         self.micro_batches = micro_batches
         self.schedule = schedule
-        self.partition = partition
+        self.partition: str | list[int] = "uniform" if checked_partition is None else checked_partition
         self.forward_doubling = forward_doubling
         if stages is not None:
             # Fails early on impossible shapes, e.g. Chimera with an odd number of stages.
@@ -313,7 +301,7 @@ class ChimeraStrategy(PipelineStrategy):
             sample = steps.hooks.pipeline_input(split_micro_batches(batch, n)[0])
             sizes = partition_blocks(blocks, d, "flops", sample_input=sample)  # counted alike on every rank
         else:
-            sizes = partition_blocks(blocks, d, self.partition)  # type: ignore[arg-type]
+            sizes = partition_blocks(blocks, d, self.partition)
         schedule = self._check_schedule(d)
         groups = build_pipeline_groups(self.world_size, d, timeout_s=self.timeout_s)
         local = self._stage_local
@@ -416,19 +404,20 @@ class ChimeraStrategy(PipelineStrategy):
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
-        batch = args[0] if args else kwargs["batch"]
-        steps = self._ensure_pipeline(batch)
-        with self.precision_plugin.val_step_context():
-            return steps.evaluate(batch, "val")
+        return self._evaluate("val", args, kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._evaluate("test", args, kwargs)
+
+    def _evaluate(self, split: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch = args[0] if args else kwargs["batch"]
         steps = self._ensure_pipeline(batch)
-        with self.precision_plugin.test_step_context():
-            return steps.evaluate(batch, "test")
+        plugin = self.precision_plugin
+        context = plugin.val_step_context() if split == "val" else plugin.test_step_context()
+        with context:
+            return steps.evaluate(batch, split)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         if self._stage_local is not None and self._stage_local.tied:

@@ -4,7 +4,9 @@ Design decisions:
 
 - Setup, the gradient hand-over, the resume checks and the unsupported ``predict`` come from
   :class:`~lightning_parallel.strategies.pipeline_base.PipelineStrategy` (a :class:`DDPStrategy`; the module
-  is never wrapped in ``DistributedDataParallel``). Every rank reads the same batch and
+  is never wrapped in ``DistributedDataParallel``); the no-flush stepping, ``synchronous``, the late logging,
+  the full module and the gathered optimizer state from
+  :class:`~lightning_parallel.strategies.local_learning.LocalLearningStrategy`, shared with AuxNet. Every rank reads the same batch and
   holds ``stages / world_size`` contiguous stages; with one process every stage runs in that process
   (single-process mode, for CPU experiments), with identical results.
 - The auxiliary heads are built in ``setup`` (the module's ``pipeline_aux_head`` hook, else pool + linear
@@ -39,34 +41,33 @@ Design decisions:
 - Gradient clipping by norm is per rank (the norm of the rank's own stages' gradients): stages are trained
   by different losses, so there is no single gradient to measure.
 
-This file is a thin Lightning adapter over :mod:`lightning_parallel.pipeline.interlocking_runtime`.
+This file is a thin Lightning adapter over :mod:`lightning_parallel.interlocking.runtime`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan, check_width, stages_of_rank
-from lightning_parallel.pipeline.interlocking_heads import split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
+from lightning_parallel.interlocking.heads import split_trunk
+from lightning_parallel.interlocking.plan import InterlockingPlan, check_width, stages_of_rank
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
 from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
-from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
+from lightning_parallel.strategies.local_learning import LocalLearningStrategy
+from lightning_parallel.strategies.pipeline_base import StartMethod
 
 HEADS_ATTRIBUTE = "interlocking_heads"
 
 
-class InterlockingBackpropStrategy(PipelineStrategy):
+class InterlockingBackpropStrategy(LocalLearningStrategy):
     """Interlocking backprop (Gomez et al. 2022): stage ``j`` is trained by the loss ``k - 1`` stages ahead.
 
     Args:
@@ -76,7 +77,10 @@ class InterlockingBackpropStrategy(PipelineStrategy):
             (``devices=1``) give it explicitly. Must be a multiple of the world size.
         micro_batches: micro-batches per optimizer step (the batch is split into that many parts whose sizes
             differ by at most one; a smaller batch is refused). Default 4.
-        balance: blocks per stage, e.g. ``[2, 1, 1, 2]``; default: equal counts, leftovers to the outer stages.
+        partition: blocks per stage: ``None`` (default: equal counts, leftovers to the outer stages first),
+            ``"uniform"`` (equal counts, leftovers to the first stages), ``"parameters"`` (balanced parameter
+            counts) or an explicit list such as ``[2, 1, 1, 2]``; the same name and values as
+            :class:`ChimeraStrategy` (but ``"profile"``).
         synchronous: flush the pipeline after every optimizer step: every process waits for all stages to
             finish the step before the next step's forwards start (same results, more idle time). Default
             False: no global flush, a process starts the next step as soon as its own stages have stepped.
@@ -85,6 +89,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
+        balance: deprecated name of ``partition`` (a list of blocks per stage); warns with a ``FutureWarning``.
     """
 
     strategy_name = "interlocking"
@@ -96,59 +101,47 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         stages: int | None = None,
         micro_batches: int = 4,
         *,
-        balance: Sequence[int] | None = None,
+        partition: str | Sequence[int] | None = None,
         synchronous: bool = False,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
+        balance: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
+        super().__init__(
+            stages, micro_batches, synchronous=synchronous, timeout_s=timeout_s, start_method=start_method, **kwargs
+        )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(
                 f"k={k!r} must be an integer >= 1 (1 = local learning, k = stages = end-to-end)."
             )
         if stages is not None:
             check_width(k, stages)
-        if not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer, e.g. 4.")
-        if not isinstance(synchronous, bool):
-            raise ValueError(f"synchronous={synchronous!r} must be True or False.")
+        self._partition_name = "partition"
         if balance is not None:
-            balance = [int(b) for b in balance]
-            if stages is not None and len(balance) != stages:
-                raise ValueError(
-                    f"balance={balance} lists {len(balance)} stages but stages={stages}; give one block count "
-                    "per stage."
-                )
+            if partition is not None:
+                raise ValueError(f"balance={balance} and partition={partition} both given; give only partition.")
+            warnings.warn(
+                "InterlockingBackpropStrategy(balance=...) is deprecated: use partition=... (same values, the "
+                "name ChimeraStrategy uses too).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            partition, self._partition_name = list(balance), "balance"
         self.k = k
-        self.micro_batches = micro_batches
-        self.balance = balance
-        self.synchronous = synchronous
+        self.partition = self._check_partition(
+            partition, stages, methods=("uniform", "parameters"), name=self._partition_name
+        )
         self.runtime: InterlockingRuntime | None = None
-        self._pending_losses: list[tuple[Any, Tensor]] = []
-        self._pending_sigterm: list[tuple[Any, Tensor]] = []
-        self._loss_group: Any = None
-        self._held_modules: list[nn.Module] = []
-        self._held_stages: dict[tuple[int, int], nn.Module] = {}
-        self._stage_owners: list[tuple[nn.Module, int]] = []
 
     # ------------------------------------------------------------------ shape of the job
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}  # every rank reads the same batch
-
     @override
     def _configure_launcher(self) -> None:
         world = self.num_processes * self.num_nodes
         stages = self.stages if self.stages is not None else world
         stages_of_rank(0, world, stages)  # ValueError when the stages do not fit the world size
         check_width(self.k, stages)
-        if self.balance is not None and len(self.balance) != stages:
-            raise ValueError(
-                f"balance={self.balance} lists {len(self.balance)} stages but there are {stages}; give one "
-                "block count per stage."
-            )
+        self._check_partition(self.partition, stages, methods=("uniform", "parameters"), name=self._partition_name)
         super()._configure_launcher()
 
     # ------------------------------------------------------------------ setup
@@ -158,7 +151,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
         protocol = self.pipeline_module
-        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), balance=self.balance)
+        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), partition=self.partition)
         existing = getattr(module, HEADS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
             heads = list(existing)  # set up before (fit, then validate): keep the trained heads
@@ -166,7 +159,7 @@ class InterlockingBackpropStrategy(PipelineStrategy):
             module.add_module(HEADS_ATTRIBUTE, nn.ModuleList(heads).to(self.root_device))
         if self.world_size > 1:
             broadcast_tensors(module_tensors([module]), src=0)
-            self._loss_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self.new_loss_group()
         self.runtime = InterlockingRuntime(
             InterlockingPlan(stages, self.k),
             stage_blocks,
@@ -182,56 +175,6 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         self._stage_owners = [(stage_blocks[s], s * self.world_size // stages) for s in range(stages)] + [
             (heads[s], s * self.world_size // stages) for s in range(stages - 1)
         ]
-
-    @override
-    def on_optimizers_ready(self, trainer: pl.Trainer) -> None:
-        self._defer_sigterm_check(trainer)
-
-    @property
-    @override
-    def held_stage_modules(self) -> dict[tuple[int, int], nn.Module]:
-        """(0, stage) -> the blocks of each stage this rank trains (their auxiliary heads are not included)."""
-        return dict(self._held_stages)
-
-    def _defer_sigterm_check(self, trainer: pl.Trainer) -> None:
-        """Replace Lightning's blocking per-batch SIGTERM broadcast by an asynchronous one (no flush per step)."""
-        loop = trainer.fit_loop.epoch_loop
-        if self.world_size > 1 and not self.synchronous and hasattr(loop, "_broadcast_sigterm_tensor"):
-            loop._broadcast_sigterm_tensor = self._broadcast_sigterm_deferred  # type: ignore[method-assign]
-
-    def _broadcast_sigterm_deferred(self) -> None:
-        trainer = self.lightning_module.trainer  # type: ignore[union-attr]
-        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0])
-        handle = dist.broadcast(flag, src=0, group=self._loss_group, async_op=True)
-        previous = _one_step_late(self._pending_sigterm, handle, flag, late=True)
-        if previous is not None and int(previous.item()) == 1:
-            from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-            raise SIGTERMException()
-
-    @staticmethod
-    def _sample_batch(trainer: pl.Trainer) -> Any:
-        """One batch of the data the run starts with (to size the heads), without touching the global RNG."""
-        loops: dict[Any, Any] = {
-            TrainerFn.FITTING: trainer.fit_loop,
-            TrainerFn.VALIDATING: trainer.validate_loop,
-            TrainerFn.TESTING: trainer.test_loop,
-        }
-        loop = loops.get(trainer.state.fn)
-        try:
-            loaders = loop._data_source.dataloader()  # type: ignore[union-attr]
-            if isinstance(loaders, Mapping):
-                loaders = next(iter(loaders.values()))
-            if isinstance(loaders, Sequence):
-                loaders = loaders[0]
-            with torch.random.fork_rng(devices=[]):
-                return next(iter(loaders))
-        except Exception as error:
-            raise RuntimeError(
-                "InterlockingBackpropStrategy needs one batch of the run's dataloader during setup to size the "
-                f"auxiliary heads, and could not get it ({type(error).__name__}: {error}). Pass the data to "
-                "trainer.fit/validate/test as a DataLoader or a LightningDataModule."
-            ) from error
 
     # ------------------------------------------------------------------ steps
     def _require_runtime(self) -> InterlockingRuntime:
@@ -253,12 +196,10 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         vector = torch.zeros(self.num_stages)
         for stage, loss in losses.items():
             vector[stage] = loss
-        if self.world_size > 1:
-            handle = dist.all_reduce(vector, group=self._loss_group, async_op=True)
-            done = _one_step_late(self._pending_losses, handle, vector, late=not self.synchronous)
-            if done is None:
-                return torch.zeros(())
-            vector = done
+        done = self.reduce_late(vector)
+        if done is None:
+            return torch.zeros(())
+        vector = done
         size = batch_size(batch)
         module.log("train_loss", vector[-1], prog_bar=True, batch_size=size)  # type: ignore[union-attr]
         for stage in range(self.num_stages - 1):
@@ -266,41 +207,10 @@ class InterlockingBackpropStrategy(PipelineStrategy):
         return vector[-1]
 
     @override
-    def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
-    ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.synchronous:
-            self.flush()
-        return output
-
-    def flush(self) -> None:
-        """Wait until every rank has finished the current step: its messages received, its optimizer stepped."""
-        if self.runtime is None or self.world_size == 1 or not dist.is_initialized():
-            return
-        self.runtime.finish()
-        dist.barrier(group=self._loss_group)
-
-    @override
-    def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._evaluate(args[0] if args else kwargs["batch"], "val")
-
-    @override
-    def test_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._evaluate(args[0] if args else kwargs["batch"], "test")
-
     def _evaluate(self, batch: Any, split: str) -> Tensor:
         runtime = self._require_runtime()
         module = self.lightning_module
-        metrics_fn: Any = getattr(module, "pipeline_metrics", None)
-        if not callable(metrics_fn):
-            loss_fn: Any = getattr(module, "pipeline_loss")  # noqa: B009 - typed as Any on purpose
-
-            def loss_only(output: Tensor, micro_batch: Any) -> dict[str, Tensor]:
-                return {"loss": loss_fn(output, micro_batch)}
-
-            metrics_fn = loss_only
-
+        metrics_fn = self._metrics_fn()
         size = batch_size(batch)
         with self.precision_plugin.val_step_context():
             results = runtime.evaluate(split_micro_batches(batch, self.micro_batches), metrics_fn)
@@ -316,45 +226,11 @@ class InterlockingBackpropStrategy(PipelineStrategy):
                 module.log(f"{split}_head{stage}_{name}", table[stage, column], batch_size=size)  # type: ignore[union-attr]
         return table[-1, names.index("loss")] if "loss" in names else table[-1, 0]
 
-    @override
-    def teardown(self) -> None:
-        if self.runtime is not None and self.world_size > 1 and dist.is_initialized():
-            for handle, _ in self._pending_losses + self._pending_sigterm:
-                handle.wait()
-            self.runtime.finish()
-        self._pending_losses, self._pending_sigterm = [], []
-        super().teardown()
-
     # ------------------------------------------------------------------ checkpoints
-    @override
-    def sync_full_module(self) -> None:
-        """Make every rank's copy of every stage and head equal to its owner's (collective)."""
-        if self.world_size == 1 or self.runtime is None:
-            return
-        for module, owner in self._stage_owners:
-            tensors = module_tensors([module])
-            if tensors:
-                broadcast_tensors(tensors, src=owner)
-
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
         return {key: value for key, value in state.items() if not key.startswith(HEADS_ATTRIBUTE + ".")}
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        state = optimizer.state_dict()
-        if self.world_size == 1 or self.runtime is None:
-            return state
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        mine = {id(p) for module in self._held_modules for p in module.parameters()}
-        local = {index: value for index, value in state["state"].items() if id(params[index]) in mine}
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local, group=self._loss_group)
-        merged: dict[int, Any] = {}
-        for part in gathered:
-            merged.update(part)
-        return {"state": dict(sorted(merged.items())), "param_groups": state["param_groups"]}
 
     @override
     def checkpoint_metadata(self) -> dict[str, Any]:
@@ -385,16 +261,3 @@ class InterlockingBackpropStrategy(PipelineStrategy):
             # Written with the same stages: PipelineStrategy.load_checkpoint refuses others.
             heads.load_state_dict(saved["heads"])
 
-
-def _one_step_late(queue: list[tuple[Any, Tensor]], handle: Any, tensor: Tensor, late: bool) -> Tensor | None:
-    """Queues an asynchronous collective and returns the oldest queued tensor once its collective is done.
-
-    With ``late`` the first call returns ``None`` and every later call the previous step's tensor, so no rank
-    waits for this step's collective; without it, this step's tensor.
-    """
-    queue.append((handle, tensor))
-    if late and len(queue) < 2:
-        return None
-    handle, tensor = queue.pop(0)
-    handle.wait()
-    return tensor

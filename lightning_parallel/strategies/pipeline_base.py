@@ -45,6 +45,7 @@ Extension points (override these; each is called on every rank, in the same orde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
@@ -105,13 +106,46 @@ class PipelineStrategy(DDPStrategy):
         """The LightningModule, typed by the pipeline protocol it implements.
 
         Raises:
-            TypeError: if there is no module or it lacks the protocol's hooks.
+            RuntimeError: before the Trainer attached a module.
+            TypeError: if the module lacks the protocol's hooks.
         """
         module = self.lightning_module
+        if module is None:
+            raise RuntimeError(f"{type(self).__name__} has no LightningModule; run it through a Trainer.")
         if not isinstance(module, PipelineProtocol):
             check_pipeline_protocol(module, who=type(self).__name__)
-            raise RuntimeError(f"{type(self).__name__} has no LightningModule; run it through a Trainer.")
+            raise TypeError(f"{type(module).__name__} does not implement the pipeline protocol.")
         return module
+
+    @staticmethod
+    def _check_partition(
+        partition: str | Sequence[int] | None, stages: int | None, *, methods: Sequence[str], name: str = "partition"
+    ) -> str | list[int] | None:
+        """Validate a ``partition`` argument (a method name or blocks per stage) and return it as stored.
+
+        Args:
+            partition: the argument as given.
+            stages: the number of stages if known (an explicit list must have one entry per stage).
+            methods: the method names this strategy accepts.
+            name: the argument's name, as the user wrote it, for the message.
+
+        Raises:
+            ValueError: for an unknown method or a list of the wrong length.
+        """
+        if partition is None:
+            return None
+        if isinstance(partition, str):
+            if partition not in methods:
+                raise ValueError(
+                    f"{name}={partition!r} is not one of {tuple(methods)} or a list of blocks per stage such as [2, 2]."
+                )
+            return partition
+        sizes = [int(size) for size in partition]
+        if stages is not None and len(sizes) != stages:
+            raise ValueError(
+                f"{name}={sizes} lists {len(sizes)} stages but stages={stages}; give one block count per stage."
+            )
+        return sizes
 
     # ------------------------------------------------------------------ setup
     @override

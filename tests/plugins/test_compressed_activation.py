@@ -152,7 +152,7 @@ def test_bad_arguments() -> None:
         CompressedActivationPrecision(codec="zip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`bits` must be one of \(1, 2, 4, 8\), got bits=3"):
         CompressedActivationPrecision(bits=3)
-    with pytest.raises(ValueError, match="`error_bound` must be > 0, got error_bound=0"):
+    with pytest.raises(ValueError, match="`error_bound` must be a finite number > 0, got error_bound=0"):
         CompressedActivationPrecision(codec="error_bounded", error_bound=0)
     with pytest.raises(
         ValueError, match=r"inner='64-true' is not a supported precision; use one of \('32-true', 'bf16-mixed'"

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_parallel.quantization import (
     QATConv2d,
     QATLinear,
+    QATMultiheadAttention,
     QuantizedConv2d,
     QuantizedLinear,
     convert_to_qat,
@@ -73,9 +74,11 @@ def test_qat_int8_output_close_to_float() -> None:
     torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
 
 
-def test_convert_skips_multihead_attention_projection() -> None:
+def test_convert_takes_multihead_attention_as_a_whole() -> None:
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
     convert_to_qat(model)
+    assert isinstance(model["attn"], QATMultiheadAttention)
+    # out_proj is read by the attention (never called): it stays, its weight quantized by the attention
     assert type(model["attn"].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert isinstance(model["fc"], QATLinear)
 
@@ -87,10 +90,10 @@ def test_convert_errors_name_the_argument() -> None:
         convert_to_qat(TinyNet(), module_bits={"nope.*": 4})
     with pytest.raises(ValueError, match=r"module_bits\['head'\]=12 is not supported"):
         convert_to_qat(TinyNet(), module_bits={"head": 12})
-    with pytest.raises(ValueError, match=r"model Sequential has no Linear or Conv2d layer to quantize"):
+    with pytest.raises(ValueError, match=r"model Sequential has no .*Linear or Conv2d layer to quantize"):
         convert_to_qat(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
     with pytest.raises(
-        ValueError, match=r"has no Linear or Conv2d layer to quantize \(ignore_modules=\['\*'\]\)"
+        ValueError, match=r"has no .*Linear or Conv2d layer to quantize \(ignore_modules=\['\*'\]\)"
     ):
         convert_to_qat(TinyNet(), ignore_modules=["*"])
     with pytest.raises(ValueError, match=r"bits=3.5 is not supported"):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_parallel.strategies
 from lightning_parallel.models.mlp import MLPClassifier
 from lightning_parallel.strategies.chimera import ChimeraStrategy
+from lightning_parallel.strategies.pipeline_base import PipelineStrategy
 from tests.helpers.callbacks import LossRecorder
 from tests.helpers.distributed import free_port, run_distributed
 
@@ -390,6 +391,10 @@ def test_per_example_ids_are_split_with_their_micro_batch() -> None:
     trainer.fit(model, DataLoader(rows, batch_size=6))  # type: ignore[arg-type]
     assert len(model.seen) == 3
     assert all(ids == expected and len(ids) == 2 for ids, expected in model.seen), model.seen
+    strategy = trainer.strategy
+    assert isinstance(strategy, PipelineStrategy) and strategy.stages_built
+    (only,) = strategy.trained_stages().values()
+    assert [id(p) for p in only.parameters()] == [id(p) for p in model.blocks.parameters()]
 
 
 def test_batchnorm_inside_stages_warns() -> None:

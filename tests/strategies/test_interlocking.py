@@ -15,10 +15,10 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_parallel.interlocking.heads import split_trunk
+from lightning_parallel.interlocking.plan import InterlockingPlan
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
 from lightning_parallel.models import ResNetClassifier
-from lightning_parallel.pipeline.interlocking import InterlockingPlan
-from lightning_parallel.pipeline.interlocking_heads import split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
 from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.strategies import InterlockingBackpropStrategy
 from tests.helpers.distributed import run_distributed
@@ -215,9 +215,14 @@ def test_uneven_last_batch_is_split_by_size() -> None:
     loader = DataLoader(
         TensorDataset(torch.randn(22, 1, 8, 8), torch.randint(0, 10, (22,))), batch_size=BATCH
     )
-    _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4)).fit(model, loader)  # last batch: 6
+    trainer = _trainer(InterlockingBackpropStrategy(k=4, stages=4, micro_batches=4))
+    trainer.fit(model, loader)  # last batch: 6
     _trainer().fit(reference, loader)
     _assert_close(_trunk(model), _trunk(reference), atol=1e-5)
+    stages = trainer.strategy.trained_stages()  # type: ignore[attr-defined]
+    assert sorted(stages) == [(0, s) for s in range(4)]  # one process trains every stage
+    held = [id(p) for s in sorted(stages) for p in stages[s].parameters()]
+    assert held == [id(p) for block in model.pipeline_blocks() for p in block.parameters()]
 
 
 def test_batch_smaller_than_micro_batches_is_refused() -> None:
@@ -225,6 +230,18 @@ def test_batch_smaller_than_micro_batches_is_refused() -> None:
     strategy = InterlockingBackpropStrategy(k=2, stages=2, micro_batches=4)
     with pytest.raises(ValueError, match=r"A batch of 2 examples cannot feed micro_batches=4"):
         _trainer(strategy).fit(_model(), loader)
+
+
+def test_balance_is_a_deprecated_name_of_partition() -> None:
+    with pytest.warns(FutureWarning, match=r"balance=\.\.\.\) is deprecated: use partition="):
+        old = InterlockingBackpropStrategy(stages=4, balance=[1, 1, 1, 3])
+    assert old.partition == [1, 1, 1, 3] == InterlockingBackpropStrategy(stages=4, partition=[1, 1, 1, 3]).partition
+    with pytest.raises(ValueError, match=r"partition=\[1, 2\] lists 2 stages but stages=4"):
+        InterlockingBackpropStrategy(stages=4, partition=[1, 2])
+    with pytest.raises(ValueError, match=r"partition='profile' is not one of \('uniform', 'parameters'\)"):
+        InterlockingBackpropStrategy(stages=2, partition="profile")
+    with pytest.raises(ValueError, match=r"balance=\[1, 1\] and partition=uniform both given"):
+        InterlockingBackpropStrategy(stages=2, partition="uniform", balance=[1, 1])
 
 
 def test_registered_name() -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_parallel.pipeline.partition import outer_first_partition, partition_blocks, stage_slices
+
 
 def default_aux_head(stage_index: int, sample_output: torch.Tensor, final_output: torch.Tensor) -> nn.Module:
     """The default auxiliary head for a stage whose output looks like ``sample_output``.
@@ -47,7 +49,7 @@ def default_aux_head(stage_index: int, sample_output: torch.Tensor, final_output
         f"({sample_output.dtype}) and the model's final output has shape {final}. Defaults exist for image "
         "features (B, C, H, W) with a (B, classes) output, token features (B, T, C) with a (B, T, V) output and "
         "flat features (B, C); implement `pipeline_aux_head(stage_index, sample_output)` on the module to "
-        "return a head for this stage, or choose stage boundaries (balance) whose outputs have such a shape."
+        "return a head for this stage, or choose stage boundaries (partition) whose outputs have such a shape."
     )
 
 
@@ -91,7 +93,7 @@ def build_aux_heads(
 
 
 def split_trunk(
-    module: Any, stages: int, sample_batch: Any, *, balance: Sequence[int] | None = None
+    module: Any, stages: int, sample_batch: Any, *, partition: str | Sequence[int] | None = None
 ) -> tuple[list[nn.Sequential], list[nn.Module]]:
     """Cut a pipeline-protocol module's blocks into stages and build the auxiliary heads.
 
@@ -102,17 +104,46 @@ def split_trunk(
         module: a module implementing the pipeline protocol.
         stages: the number of stages ``S``.
         sample_batch: a (micro-)batch used to infer the stage outputs' shapes.
-        balance: optional block count per stage (see :func:`split_blocks`).
+        partition: blocks per stage: ``None`` (default) for equal counts with the leftovers to the outer
+            stages first (:func:`~lightning_parallel.pipeline.partition.outer_first_partition`), else any
+            ``method`` of :func:`~lightning_parallel.pipeline.partition.partition_blocks` but ``"profile"``
+            (``"uniform"``, ``"parameters"``, or explicit block counts such as ``[2, 1, 1, 2]``).
 
     Returns:
         The blocks of each stage and the ``S - 1`` auxiliary heads.
     """
-    from lightning_parallel.pipeline.interlocking import split_blocks
+    stage_blocks, samples = cut_trunk(module, stages, sample_batch, partition=partition)
+    return stage_blocks, build_aux_heads(module, samples[:-1], samples[-1])
 
+
+def cut_trunk(
+    module: Any, stages: int, sample_batch: Any, *, partition: str | Sequence[int] | None = None
+) -> tuple[list[nn.Sequential], list[torch.Tensor]]:
+    """Cut a pipeline-protocol module's blocks into stages and run one sample through them.
+
+    The stages share their parameters with ``module``. The sample runs in eval mode without autograd (the
+    modules' modes are restored), so it changes no state.
+
+    Args:
+        module: a module implementing the pipeline protocol.
+        stages: the number of stages ``S``.
+        sample_batch: a (micro-)batch used to infer the stage outputs.
+        partition: blocks per stage, as for :func:`split_trunk`.
+
+    Returns:
+        The blocks of each stage and each stage's output on the sample.
+    """
     blocks = list(module.pipeline_blocks())
-    stage_blocks = [
-        nn.Sequential(*(blocks[i] for i in r)) for r in split_blocks(len(blocks), stages, balance)
-    ]
+    if partition is None:
+        sizes = outer_first_partition(len(blocks), stages)
+    elif partition == "profile":
+        raise ValueError(
+            "partition='profile' is not supported by interlocking backprop (every process would measure its own "
+            "partition); use 'uniform', 'parameters' or explicit block counts."
+        )
+    else:
+        sizes = partition_blocks(blocks, stages, partition)
+    stage_blocks = [nn.Sequential(*blocks[block_slice]) for block_slice in stage_slices(sizes)]
     x = module.pipeline_input(sample_batch)
     modes = [m.training for m in module.modules()] if isinstance(module, nn.Module) else []
     samples = []
@@ -127,4 +158,4 @@ def split_trunk(
         if isinstance(module, nn.Module):
             for sub, mode in zip(module.modules(), modes):
                 sub.training = mode
-    return stage_blocks, build_aux_heads(module, samples[:-1], samples[-1])
+    return stage_blocks, samples

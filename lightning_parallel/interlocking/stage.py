@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan
+from lightning_parallel.interlocking.plan import InterlockingPlan
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 

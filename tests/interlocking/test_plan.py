@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_parallel.pipeline.interlocking import (
+from lightning_parallel.interlocking.heads import build_aux_heads, default_aux_head, split_trunk
+from lightning_parallel.interlocking.plan import (
     InterlockingPlan,
     check_width,
-    split_blocks,
     stages_of_rank,
 )
-from lightning_parallel.pipeline.interlocking_heads import build_aux_heads, default_aux_head, split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
-from tests.pipeline.interlocking_helpers import image_batches, tiny_model
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
+from lightning_parallel.pipeline.partition import check_partition, outer_first_partition
+from tests.interlocking.helpers import image_batches, tiny_model
 
 
 def test_targets_follow_min_j_plus_k_minus_1() -> None:
@@ -56,10 +56,16 @@ def test_every_stage_gets_exactly_one_weight_gradient(stages: int) -> None:
             assert plan.received(j) == (plan.sent(j + 1) if j + 1 < stages else [])
 
 
-def test_split_blocks_gives_leftovers_to_the_outer_stages() -> None:
-    assert [len(r) for r in split_blocks(6, 4)] == [2, 1, 1, 2]
-    assert [len(r) for r in split_blocks(5, 4)] == [1, 1, 1, 2]
-    assert [list(r) for r in split_blocks(4, 2, [1, 3])] == [[0], [1, 2, 3]]
+def test_default_partition_gives_leftovers_to_the_outer_stages() -> None:
+    assert outer_first_partition(6, 4) == [2, 1, 1, 2]
+    assert outer_first_partition(5, 4) == [1, 1, 1, 2]
+    assert outer_first_partition(8, 4) == [2, 2, 2, 2]
+    model, batch = tiny_model(), image_batches(1)[0]
+    blocks = list(model.pipeline_blocks())
+    default, _ = split_trunk(model, 4, batch)
+    assert [len(stage) for stage in default] == outer_first_partition(len(blocks), 4)
+    explicit, _ = split_trunk(model, 2, batch, partition=[1, len(blocks) - 1])
+    assert list(explicit[0]) == blocks[:1] and list(explicit[1]) == blocks[1:]
 
 
 def test_stages_of_rank() -> None:
@@ -116,11 +122,9 @@ def test_module_heads_are_used_and_checked() -> None:
         (lambda: check_width(0, 4), r"k=0 must be an integer with 1 <= k <= stages=4"),
         (lambda: InterlockingPlan(4, 5), r"k=5 must be an integer with 1 <= k <= stages=4"),
         (lambda: InterlockingPlan(0, 1), r"stages=0 must be >= 1"),
-        (lambda: split_blocks(3, 4), r"stages=4 is more than the model's 3 pipeline blocks"),
-        (
-            lambda: split_blocks(6, 2, [1, 2]),
-            r"balance=\[1, 2\] must list 2 positive block counts that sum to",
-        ),
+        (lambda: outer_first_partition(3, 4), r"3 blocks cannot fill stages=4"),
+        (lambda: check_partition([1, 2], 6, 2), r"partition=\[1, 2\] covers 3 blocks but the model has 6"),
+        (lambda: split_trunk(tiny_model(), 2, image_batches(1)[0], partition="profile"), r"partition='profile' is not"),
         (lambda: stages_of_rank(0, 3, 4), r"stages=4 must be a multiple of the world size \(3 processes\)"),
         (
             lambda: default_aux_head(2, torch.randn(2, 1, 3, 4, 4), torch.randn(2, 10)),

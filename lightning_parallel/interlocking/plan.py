@@ -26,16 +26,16 @@ Design decisions:
 
 - Stage ``j`` uses only the furthest loss (as the reference implementation does), not a sum of the losses in
   its window; so with ``k >= 2`` the first head's loss trains that head alone (kept for early exit).
-- Blocks are cut into contiguous stages by count; the blocks left over go to the outer stages first (last,
-  then first, ...), because a trunk's first and last blocks (stem, pooling head) are usually its cheapest.
-  ``balance`` overrides this with explicit block counts per stage.
+- Blocks are cut into contiguous stages by :mod:`lightning_parallel.pipeline.partition`: by default equal
+  counts with the leftover blocks to the outer stages first (``outer_first_partition``: last, then first,
+  ...), because a trunk's first and last blocks (stem, pooling head) are usually its cheapest; the
+  strategy's ``partition`` overrides this (``"uniform"``, ``"parameters"`` or explicit block counts).
 
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -125,48 +125,6 @@ class InterlockingPlan:
         """How many stages ahead ``stage``'s backward depends on: ``max(received) - stage`` (0 if none)."""
         received = self.received(stage)
         return received[-1] - stage if received else 0
-
-
-def split_blocks(num_blocks: int, stages: int, balance: Sequence[int] | None = None) -> list[range]:
-    """Cut ``num_blocks`` ordered blocks into ``stages`` contiguous, non-empty stages.
-
-    Args:
-        num_blocks: the number of blocks of the trunk.
-        stages: the number of stages ``S``.
-        balance: optional block count per stage (must sum to ``num_blocks``); by default the counts are
-            equal and the leftover blocks go to the outer stages first (last, first, second-to-last, ...).
-
-    Returns:
-        The block indices of each stage.
-    """
-    if stages < 1:
-        raise ValueError(f"stages={stages} must be >= 1.")
-    if balance is not None:
-        counts = list(balance)
-        if len(counts) != stages or any(c < 1 for c in counts) or sum(counts) != num_blocks:
-            raise ValueError(
-                f"balance={counts} must list {stages} positive block counts that sum to the model's "
-                f"{num_blocks} blocks, e.g. {_default_counts(num_blocks, stages) if num_blocks >= stages else '...'}."
-            )
-    else:
-        if num_blocks < stages:
-            raise ValueError(
-                f"stages={stages} is more than the model's {num_blocks} pipeline blocks; use stages <= {num_blocks}."
-            )
-        counts = _default_counts(num_blocks, stages)
-    ranges, start = [], 0
-    for count in counts:
-        ranges.append(range(start, start + count))
-        start += count
-    return ranges
-
-
-def _default_counts(num_blocks: int, stages: int) -> list[int]:
-    counts = [num_blocks // stages] * stages
-    outer_first = sorted(range(stages), key=lambda s: (min(s, stages - 1 - s), -s))
-    for s in outer_first[: num_blocks % stages]:
-        counts[s] += 1
-    return counts
 
 
 def stages_of_rank(rank: int, world_size: int, stages: int) -> list[int]:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan
-from lightning_parallel.pipeline.interlocking_heads import split_trunk
-from lightning_parallel.pipeline.interlocking_runtime import InterlockingRuntime
+from lightning_parallel.interlocking.heads import split_trunk
+from lightning_parallel.interlocking.plan import InterlockingPlan
+from lightning_parallel.interlocking.runtime import InterlockingRuntime
 from lightning_parallel.pipeline.micro_batches import split_micro_batches
 
 MICRO = 4

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_parallel.pipeline.interlocking import InterlockingPlan, stages_of_rank
-from lightning_parallel.pipeline.interlocking_stage import InterlockingStage, LossFn, SimulatedCost
+from lightning_parallel.interlocking.plan import InterlockingPlan, stages_of_rank
+from lightning_parallel.interlocking.stage import InterlockingStage, LossFn, SimulatedCost
 from lightning_parallel.pipeline.micro_batches import batch_size
 
 _FORWARD, _EARLY, _LATE, _EVAL = 0, 1, 2, 3

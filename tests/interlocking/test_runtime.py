@@ -12,7 +12,7 @@ from lightning_parallel.models import MLPClassifier, ResNetClassifier
 from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.pipeline.protocol import run_blocks
 from tests.helpers.distributed import run_distributed
-from tests.pipeline.interlocking_helpers import (
+from tests.interlocking.helpers import (
     MICRO,
     distributed_worker,
     held_parameters,

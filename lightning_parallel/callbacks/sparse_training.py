@@ -1,0 +1,271 @@
+"""SparseTraining: dynamic sparse training (SET, RigL, static masks) as a Lightning callback.
+
+A thin adapter over :class:`lightning_parallel.sparse.SparseEngine` (pure torch).
+
+Design decisions:
+
+- The engine is built in ``setup("fit")``, before the optimizer exists, so with ``execution="sparse"`` the
+  optimizer only ever sees the nonzeros of the converted ``nn.Linear`` layers. Models that create their
+  layers in ``configure_model`` are not covered (that hook runs after ``setup``).
+- Hooks per optimizer step: the mask update (at update steps) and the gradient masking run in
+  ``on_before_optimizer_step`` (after backward, DDP's all-reduce and DPKFAC's preconditioning, so the
+  preconditioned gradient is re-masked); the weights are re-masked in ``on_train_batch_end``. SparseTraining
+  must therefore come after DPKFAC in ``callbacks``; the other order is refused at setup.
+- ``stop_at`` <= 1 is a fraction of ``trainer.estimated_stepping_batches``; above 1 a step count.
+- Under DDP every rank holds the same weights and (after DDP's all-reduce) the same gradients, so the masked
+  layers' decisions agree; RigL's dense gradient of the sparse layers is all-reduced (mean) block by block
+  before ranking, and SET draws from a generator seeded identically on every rank.
+- Checkpoints: the callback's state holds the masks, the sparse patterns with their values and the random
+  generator (resume is exact). With ``checkpoint_weights="dense"`` (default) the model's ``state_dict`` in the
+  checkpoint has each sparse layer as a dense-with-zeros ``weight``, so ``load_from_checkpoint`` into the plain
+  module gives the dense-with-zeros model; ``"sparse"`` keeps the compact ``values``/``indices`` (for widths
+  whose dense form does not fit in memory; :func:`~lightning_parallel.sparse.export.densify_state_dict` turns
+  it dense).
+- Neuron pruning (``prune_neurons > 0``) shrinks layers at the end of an epoch, in place (parameters and
+  optimizer state keep their identity, so no optimizer rebuild). A checkpoint then holds narrower layers:
+  a ``load_state_dict`` pre-hook (registered in ``setup``) resizes the model's linear layers to the shapes in
+  the state dict before the weights are loaded;
+  a plain module loads it after :func:`~lightning_parallel.sparse.export.resize_to_state_dict`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from typing_extensions import override
+
+from lightning_parallel.sparse import SparseEngine
+from lightning_parallel.sparse.engine import check_options
+from lightning_parallel.sparse.export import densify_state_dict, resize_to_state_dict
+from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
+
+
+class SparseTraining(Callback):
+    """Trains ``nn.Linear`` and ``nn.Conv2d`` layers at a fixed sparsity, moving the nonzeros by SET or RigL.
+
+    Args:
+        method: ``"rigl"`` (regrow at the largest dense-gradient magnitude; Evci et al. 2020), ``"set"``
+            (regrow at random; Mocanu et al. 2018) or ``"static"`` (a fixed random mask). Default ``"rigl"``.
+        sparsity: global fraction of zero weights over the covered layers, in [0, 1). Default 0.9.
+        distribution: ``"erk"`` (Erdos-Renyi-Kernel per-layer densities) or ``"uniform"``. Default ``"erk"``.
+        update_interval: optimizer steps between mask updates (RigL's ``delta T``), >= 1. Default 100.
+        drop_fraction: fraction of a layer's active weights replaced at the first update, in [0, 1].
+            Default 0.3.
+        decay: ``"cosine"`` (the drop fraction falls to 0 at ``stop_at``) or ``"constant"``. Default ``"cosine"``.
+        stop_at: the last update step: a fraction (<= 1) of the run's optimizer steps, or a step count (> 1).
+            Default 0.75.
+        execution: ``"masked"`` (dense weights under masks; any layer, any strategy) or ``"sparse"`` (plain
+            ``nn.Linear`` layers hold only their nonzeros and multiply with sparse kernels; other covered layers
+            stay masked). Default ``"masked"``.
+        seed: seed of the initial masks and of SET's regrowth. Default 0.
+        skip_layers: regular expressions on qualified or class names of layers left dense. Default none.
+        checkpoint_weights: ``"dense"`` or ``"sparse"``: how sparse layers appear in the checkpoint's model
+            ``state_dict`` (see the module docstring). Default ``"dense"``.
+        prune_neurons: fraction of the hidden neurons of each linear pair removed at each neuron pruning (their
+            incoming and outgoing weights with them; :mod:`lightning_parallel.sparse.neurons`), in [0, 1);
+            0 turns neuron pruning off. One device only. Default 0.
+        prune_neurons_every: epochs between neuron prunings, >= 1. Default 10.
+        prune_neurons_after: epochs trained before the first neuron pruning, >= 0. Default 0.
+
+    Raises:
+        ValueError: on an unknown method, distribution, decay, execution or checkpoint format, a sparsity outside
+            [0, 1), a drop fraction outside [0, 1], ``update_interval`` < 1 or ``stop_at`` <= 0; at setup, on a
+            model with no covered layer, ``execution="sparse"`` without a plain ``nn.Linear``, an unsupported
+            strategy, or DPKFAC listed after this callback.
+    """
+
+    def __init__(
+        self,
+        method: Literal["rigl", "set", "static"] = "rigl",
+        *,
+        sparsity: float = 0.9,
+        distribution: Literal["erk", "uniform"] = "erk",
+        update_interval: int = 100,
+        drop_fraction: float = 0.3,
+        decay: Literal["cosine", "constant"] = "cosine",
+        stop_at: float = 0.75,
+        execution: Literal["masked", "sparse"] = "masked",
+        seed: int = 0,
+        skip_layers: Sequence[str] = (),
+        checkpoint_weights: Literal["dense", "sparse"] = "dense",
+        prune_neurons: float = 0.0,
+        prune_neurons_every: int = 10,
+        prune_neurons_after: int = 0,
+    ) -> None:
+        check_options(
+            method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
+            decay=decay, execution=execution,
+        )
+        if update_interval < 1:
+            raise ValueError(f"`update_interval={update_interval}` must be >= 1 optimizer step, e.g. 100.")
+        if stop_at <= 0:
+            raise ValueError(
+                f"`stop_at={stop_at}` must be > 0: a fraction of the run (<= 1, e.g. 0.75) or a step count (> 1)."
+            )
+        if checkpoint_weights not in ("dense", "sparse"):
+            raise ValueError(f"`checkpoint_weights={checkpoint_weights!r}` is not one of ['dense', 'sparse'].")
+        if not 0.0 <= prune_neurons < 1.0:
+            raise ValueError(f"`prune_neurons={prune_neurons}` must be in [0, 1): the fraction removed, e.g. 0.2.")
+        if prune_neurons_every < 1 or prune_neurons_after < 0:
+            raise ValueError(
+                f"`prune_neurons_every={prune_neurons_every}` must be >= 1 and `prune_neurons_after="
+                f"{prune_neurons_after}` >= 0 (epochs)."
+            )
+        self.prune_neurons = prune_neurons
+        self.prune_neurons_every = prune_neurons_every
+        self.prune_neurons_after = prune_neurons_after
+        self.neurons_removed: dict[str, int] = {}
+        self.options = dict(
+            method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
+            decay=decay, execution=execution, seed=seed, skip_layers=tuple(skip_layers),
+        )
+        self.update_interval = update_interval
+        self.stop_at = stop_at
+        self.checkpoint_weights = checkpoint_weights
+        self.engine: SparseEngine | None = None
+        self._stop_step = 0
+        self._pending_state: dict[str, Any] | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        pipeline = isinstance(strategy, (ChimeraStrategy, InterlockingBackpropStrategy))
+        if pipeline or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"SparseTraining runs on one device or under DDP; got {type(strategy).__name__}. "
+                "Use strategy='auto' or 'ddp' (pipeline strategies are not supported yet)."
+            )
+        if self.prune_neurons and trainer.world_size > 1:
+            raise ValueError(
+                f"`prune_neurons={self.prune_neurons}` changes layer shapes, which DDP cannot follow: prune "
+                "neurons on one device (or set prune_neurons=0)."
+            )
+        callbacks = list(getattr(trainer, "callbacks", []))
+        names = [type(c).__name__ for c in callbacks]
+        if "DPKFAC" in names and names.index("DPKFAC") > callbacks.index(self):
+            raise ValueError(
+                "DPKFAC is listed after SparseTraining in `callbacks`: put SparseTraining after DPKFAC so the "
+                "preconditioned gradients are re-masked."
+            )
+        if self.engine is None:
+            if self.prune_neurons:  # a neuron-pruned checkpoint has narrower layers: resize before loading
+                pl_module.register_load_state_dict_pre_hook(_resize_before_loading)
+            self.engine = SparseEngine(pl_module, **self.options)  # type: ignore[arg-type]
+            self._warn_coverage(self.engine)
+        if self._pending_state is not None:
+            self.engine.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @staticmethod
+    def _warn_coverage(engine: SparseEngine) -> None:
+        if engine.uncovered:
+            counts = ", ".join(f"{n} x{c}" for n, c in sorted(engine.uncovered.items()))
+            warnings.warn(
+                f"SparseTraining leaves {sum(engine.uncovered.values())} weighted module(s) dense: {counts} "
+                "(covered: nn.Linear, nn.Conv2d).",
+                stacklevel=2,
+            )
+        if engine.masked_by_sparse_fallback:
+            warnings.warn(
+                f"SparseTraining(execution='sparse') runs {len(engine.sparse)} nn.Linear layer(s) sparse and keeps "
+                f"{engine.masked_by_sparse_fallback} other layer(s) masked: {sorted(engine.masks)}.",
+                stacklevel=2,
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        self._stop_step = int(self.stop_at * total) if self.stop_at <= 1 else int(self.stop_at)
+
+    def _is_update_step(self, step: int) -> bool:
+        assert self.engine is not None
+        return self.engine.is_update_step(step, update_interval=self.update_interval, stop_at=self._stop_step)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.engine is not None and self.engine.sparse:
+            self.engine.record_dense_gradients(self._is_update_step(trainer.global_step))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.engine is None:
+            return
+        step = trainer.global_step
+        if self._is_update_step(step):
+            fraction = self.engine.update(step, stop_at=self._stop_step, optimizer=optimizer, reduce=_mean_reduce())
+            pl_module.log("sparse/drop_fraction", fraction, on_step=True, on_epoch=False)
+        self.engine.mask_gradients()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.engine is not None:
+            self.engine.apply_masks()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = trainer.current_epoch + 1 - self.prune_neurons_after
+        if self.engine is None or not self.prune_neurons or epochs <= 0 or epochs % self.prune_neurons_every:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        removed = self.engine.prune_neurons(self.prune_neurons, optimizer=optimizer)
+        for name, count in removed.items():
+            self.neurons_removed[name] = self.neurons_removed.get(name, 0) + count
+        pl_module.log("sparse/neurons_removed", float(sum(removed.values())), on_step=False, on_epoch=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return dict(self._pending_state or {})
+        return self.engine.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.engine is None:
+            self._pending_state = state_dict
+        else:
+            self.engine.load_state_dict(state_dict)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.engine is None or self.checkpoint_weights == "sparse":
+            return
+        weights = checkpoint["state_dict"]
+        for name, layer in self.engine.sparse.items():
+            prefix = f"{name}."
+            weights.pop(prefix + "values")
+            weights.pop(prefix + "indices")
+            weights.pop(prefix + "_extra_state", None)
+            weights[prefix + "weight"] = layer.dense_weight().cpu()
+
+
+def _mean_reduce() -> Any:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    world = dist.get_world_size()
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)  # one all-reduce per block of RigL's dense gradient
+        return tensor.div_(world)
+
+    return reduce
+
+
+def _resize_before_loading(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    resize_to_state_dict(module, densify_state_dict({k[len(prefix):]: v for k, v in state_dict.items()}))

@@ -1,0 +1,307 @@
+"""``SparseEngine``: masks or sparse patterns of a model's layers, their updates and their state (no Lightning).
+
+Covered layers: ``nn.Linear`` (and subclasses) and ``nn.Conv2d``. Other modules holding weights of two or more
+dimensions (embeddings, ``nn.MultiheadAttention``'s packed input projection, HF ``Conv1D``) stay dense; the
+engine reports them by type with counts (``uncovered``) so the caller can warn once.
+
+Execution:
+
+- ``"masked"``: dense weights; the mask zeroes the gradient before each optimizer step (so SGD with momentum
+  or weight decay and Adam(W) leave inactive weights and their state at zero) and the weight after it; at a
+  mask update, the dropped and the newly grown positions get weight 0 and optimizer state 0.
+- ``"sparse"``: every plain ``nn.Linear`` becomes a :class:`SparseLinear` (only the nonzeros are parameters);
+  other covered layers (Conv2d, Linear subclasses used by fused modules) stay masked.
+
+Mask updates happen before the optimizer step of the update step (the new weights get their first gradient
+in that step), at steps ``t`` with ``t % update_interval == 0`` and ``0 < t < stop_at``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_parallel.sparse.densities import erk_densities, uniform_densities
+from lightning_parallel.sparse.neurons import linear_pairs, neuron_importance, neurons_to_keep, shrink_pair
+from lightning_parallel.sparse.sparse_linear import SparseLinear
+from lightning_parallel.sparse.sparse_updates import (
+    Reduce,
+    dense_grad_top,
+    kept_entries,
+    random_positions,
+    regrow,
+)
+from lightning_parallel.sparse.updates import drop_fraction_at, random_mask, rigl_update, set_update
+
+METHODS = ("rigl", "set", "static")
+DISTRIBUTIONS = ("uniform", "erk")
+EXECUTIONS = ("masked", "sparse")
+DECAYS = ("cosine", "constant")
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}={value!r}` is not one of {list(allowed)}.")
+
+
+def check_options(
+    *, method: str, sparsity: float, distribution: str, drop_fraction: float, decay: str, execution: str
+) -> None:
+    """Raise ``ValueError`` naming the first bad option, its value and what works."""
+    _choice("method", method, METHODS)
+    _choice("distribution", distribution, DISTRIBUTIONS)
+    _choice("execution", execution, EXECUTIONS)
+    _choice("decay", decay, DECAYS)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity={sparsity}` must be in [0, 1): the fraction of zero weights, e.g. 0.9.")
+    if not 0.0 <= drop_fraction <= 1.0:
+        raise ValueError(f"`drop_fraction={drop_fraction}` must be in [0, 1], e.g. 0.3.")
+
+
+def covered_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> tuple[dict[str, nn.Module], Counter[str]]:
+    """The layers sparse training covers, by qualified name, and a count by type of weighted modules it skips."""
+    import re
+
+    layers: dict[str, nn.Module] = {}
+    uncovered: Counter[str] = Counter()
+    for name, module in model.named_modules():
+        if any(re.search(p, name) or re.search(p, type(module).__name__) for p in skip_layers):
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d, SparseLinear)):
+            layers[name] = module
+        elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            uncovered[type(module).__name__] += 1
+    return layers, uncovered
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class SparseEngine:
+    """Keeps a model's covered layers at a fixed number of nonzeros and updates which ones (SET, RigL).
+
+    Args:
+        model: the model; with ``execution="sparse"`` its ``nn.Linear`` layers are replaced in place.
+        method: ``"rigl"``, ``"set"`` or ``"static"``.
+        sparsity: global fraction of zero weights over the covered layers, in [0, 1).
+        distribution: ``"uniform"`` or ``"erk"`` per-layer densities.
+        drop_fraction: fraction of active weights replaced at the first update.
+        decay: ``"cosine"`` or ``"constant"`` schedule of the drop fraction.
+        execution: ``"masked"`` or ``"sparse"``.
+        seed: seed of the initial masks and SET's regrowth (the same on every replica).
+        skip_layers: regular expressions on qualified or class names of layers left dense.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str = "rigl",
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        drop_fraction: float = 0.3,
+        decay: str = "cosine",
+        execution: str = "masked",
+        seed: int = 0,
+        skip_layers: Sequence[str] = (),
+    ) -> None:
+        check_options(
+            method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
+            decay=decay, execution=execution,
+        )
+        self.method, self.sparsity, self.drop_fraction, self.decay = method, sparsity, drop_fraction, decay
+        self.execution = execution
+        self.model = model
+        self.generator = torch.Generator().manual_seed(seed)
+        layers, self.uncovered = covered_layers(model, skip_layers)
+        if not layers:
+            raise ValueError(
+                f"The model {type(model).__name__} has no nn.Linear or nn.Conv2d layer for sparse training "
+                f"(skip_layers={list(skip_layers)})."
+            )
+        shapes = {name: tuple(_weight_shape(m)) for name, m in layers.items()}
+        make = erk_densities if distribution == "erk" else uniform_densities
+        self.densities = make(shapes, 1.0 - sparsity)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.sparse: dict[str, SparseLinear] = {}
+        self.weights: dict[str, torch.Tensor] = {}  # the masked layers' weights
+        for name, module in layers.items():
+            if isinstance(module, SparseLinear):
+                self.sparse[name] = module
+                continue
+            if self.densities[name] >= 1.0:
+                continue
+            weight = _weight(module)
+            mask = random_mask(weight.shape, self.densities[name], self.generator).to(weight.device)
+            if execution == "sparse" and type(module) is nn.Linear:
+                sparse = SparseLinear.from_linear(module, mask)
+                _replace(model, name, sparse)
+                self.sparse[name] = sparse
+            else:
+                self.masks[name] = mask
+                self.weights[name] = weight
+        if execution == "sparse" and not self.sparse:
+            raise ValueError(
+                "`execution='sparse'` runs plain nn.Linear layers only and the model has none left sparse "
+                f"(covered: {sorted({type(m).__name__ for m in layers.values()})}); use execution='masked'."
+            )
+        self.apply_masks()
+
+    @property
+    def masked_by_sparse_fallback(self) -> int:
+        """Covered layers that stay masked although ``execution="sparse"`` (Conv2d, Linear subclasses)."""
+        return len(self.masks) if self.execution == "sparse" else 0
+
+    # ---- every step --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the inactive weights of the masked layers."""
+        for name, mask in self.masks.items():
+            self.weights[name].mul_(mask)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradient at inactive positions of the masked layers (call before ``optimizer.step``)."""
+        for name, mask in self.masks.items():
+            grad = self.weights[name].grad
+            if grad is not None:
+                grad.mul_(mask)
+
+    # ---- updates -----------------------------------------------------------------------------------------
+    def is_update_step(self, step: int, *, update_interval: int, stop_at: int) -> bool:
+        """Whether masks change before optimizer step ``step`` (0-based count of steps already taken)."""
+        return self.method != "static" and 0 < step < stop_at and step % update_interval == 0
+
+    def record_dense_gradients(self, on: bool) -> None:
+        """Make the sparse layers keep ``(x, dy)`` in the next backward (RigL's growth needs them)."""
+        for layer in self.sparse.values():
+            layer.record = on and self.method == "rigl"
+            if not on:
+                layer.recorded = None
+
+    @torch.no_grad()
+    def update(
+        self, step: int, *, stop_at: int, optimizer: torch.optim.Optimizer | None = None,
+        reduce: Reduce | None = None,
+    ) -> float:
+        """Drop and grow in every layer; returns the drop fraction used.
+
+        Args:
+            step: optimizer steps taken so far (sets the drop fraction).
+            stop_at: the step of the last update (the cosine reaches 0 there).
+            optimizer: its per-weight state is zeroed or moved with the weights.
+            reduce: all-reduce mean over replicas of RigL's dense gradient blocks of sparse layers (masked layers
+                read ``weight.grad``, already averaged by data parallelism).
+        """
+        fraction = drop_fraction_at(step, initial=self.drop_fraction, stop_at=stop_at, decay=self.decay)
+        for name, mask in self.masks.items():
+            weight = self.weights[name]
+            if self.method == "rigl":
+                if weight.grad is None:
+                    raise RuntimeError(f"RigL needs the gradient of {name}.weight at the update step.")
+                new = rigl_update(weight, mask, weight.grad, fraction)
+            else:
+                new = set_update(weight, mask, fraction, self.generator)
+            keep = new & mask  # kept or grown back where it was: value and state stay
+            weight.mul_(keep)
+            for state in _param_states(optimizer, weight):
+                state.mul_(keep)
+            self.masks[name] = new
+        for layer in self.sparse.values():
+            kept = kept_entries(layer.values, fraction, self.method)
+            count = layer.values.numel() - kept.numel()
+            exclude = layer.indices[kept]
+            numel = math.prod(layer.weight_shape)
+            if self.method == "rigl":
+                grown = dense_grad_top(layer, exclude, count, reduce=reduce)
+            else:
+                grown = random_positions(numel, exclude, count, self.generator)
+            regrow(layer, kept, grown, _param_states(optimizer, layer.values))
+            layer.record, layer.recorded = False, None
+        return fraction
+
+    @torch.no_grad()
+    def prune_neurons(self, fraction: float, *, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Remove the ``fraction`` least important hidden neurons of every linear pair; returns removed counts.
+
+        Weights, biases, masks, sparse patterns and per-weight optimizer state shrink in place
+        (:mod:`lightning_parallel.sparse.neurons`); the number of nonzeros falls with them.
+        """
+        removed: dict[str, int] = {}
+        for first, second in linear_pairs(self.model):
+            layer, following = self.model.get_submodule(first), self.model.get_submodule(second)
+            keep = neurons_to_keep(neuron_importance(layer, following), fraction)  # type: ignore[arg-type]
+            removed[first] = int(layer.out_features) - keep.numel()  # type: ignore[arg-type]
+            if removed[first] == 0:
+                continue
+            if first in self.masks:
+                self.masks[first] = self.masks[first].index_select(0, keep)
+            if second in self.masks:
+                self.masks[second] = self.masks[second].index_select(1, keep)
+            shrink_pair(layer, following, keep, lambda p: _param_states(optimizer, p))  # type: ignore[arg-type]
+        return removed
+
+    # ---- inspection and state ----------------------------------------------------------------------------
+    def nnz(self) -> dict[str, int]:
+        """Active weights per layer."""
+        counts = {name: int(mask.sum()) for name, mask in self.masks.items()}
+        counts.update({name: layer.values.numel() for name, layer in self.sparse.items()})
+        return counts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (as bool tensors), sparse patterns (indices and values) and the generator state."""
+        return {
+            "masks": {name: mask.cpu().clone() for name, mask in self.masks.items()},
+            "patterns": {
+                name: {"indices": layer.indices.cpu().clone(), "values": layer.values.detach().cpu().clone()}
+                for name, layer in self.sparse.items()
+            },
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore masks, patterns and the generator (the model must have been built by this engine's config)."""
+        unknown = (set(state["masks"]) - set(self.masks)) | (set(state["patterns"]) - set(self.sparse))
+        if unknown:
+            raise ValueError(
+                f"The checkpoint's sparse layers {sorted(unknown)} are not sparse here (masked: {sorted(self.masks)}, "
+                f"sparse: {sorted(self.sparse)}): resume with the same method, distribution and execution."
+            )
+        for name, mask in state["masks"].items():
+            self.masks[name] = mask.to(self.masks[name].device)
+        for name, pattern in state["patterns"].items():
+            layer = self.sparse[name]
+            layer.load_pattern(pattern["indices"].to(layer.indices.device), pattern["values"].to(layer.values))
+        self.generator.set_state(state["generator"])
+        self.apply_masks()
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor.")
+    return weight
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    if isinstance(module, SparseLinear):
+        return torch.Size(module.weight_shape)
+    return _weight(module).shape
+
+
+def _param_states(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer's per-element state tensors of ``param`` (momentum, exp_avg, exp_avg_sq, ...)."""
+    if optimizer is None or param not in optimizer.state:
+        return []
+    return [
+        value for value in optimizer.state[param].values()
+        if isinstance(value, torch.Tensor) and value.shape == param.shape
+    ]
