@@ -61,6 +61,7 @@ lightning-parallel: PyTorch Lightning plugins for faster, leaner training.
 
 Train:       lightning-parallel fit --config configs/quickstart.yaml
 Schedules:   lightning-parallel schedule --kind chimera --stages 4 --micro-batches 8
+Consolidate: lightning-parallel consolidate CKPT_DIR OUT.ckpt  (sharded pipeline checkpoint -> one file)
 """
 
 
@@ -69,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "schedule":
         raise SystemExit(schedule_command(args[1:]))
+    if args and args[0] == "consolidate":
+        from lightning_parallel.pipeline.consolidate import consolidate_command
+
+        raise SystemExit(consolidate_command(args[1:]))
     _ArgumentParser.config_files = check_config_files(args)
     try:
         _run_cli(args if argv is not None else None)

@@ -4,10 +4,18 @@ Every example model is a classifier over the last block's output (images -> 10 c
 next character). The base class implements ``training_step``, ``validation_step`` and ``test_step`` through
 :meth:`pipeline_input`, :meth:`pipeline_blocks` and :meth:`pipeline_loss`, so the same module trains on one
 device, under DDP, or split into stages by a pipeline strategy.
+
+Initial weights do not depend on the layout: block i is initialised by :meth:`pipeline_init_weights` from a
+random stream seeded by ``(init_seed, i)`` alone, so one device, DDP and a pipeline whose ranks each
+materialise only their own blocks (on the meta device until then) start from the same weights. With
+``build_in_configure_model=True`` the blocks are built in :meth:`configure_model`, inside the strategy's
+initialisation context (the meta device for stage-local pipeline strategies), not in ``__init__``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,6 +29,23 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 SchedulerName = Literal["none", "cosine"]
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 _SCHEDULERS = ("none", "cosine")
+_SEED_MODULUS = 2**31 - 1
+
+
+def block_seed(init_seed: int, index: int) -> int:
+    """The seed of block ``index``'s initial weights: a function of ``(init_seed, index)`` alone."""
+    # A multiplier coprime to the modulus keeps neighbouring blocks' seeds far apart.
+    return (int(init_seed) * 1_000_003 + 7_919 * (int(index) + 1)) % _SEED_MODULUS
+
+
+@contextmanager
+def seeded_random(seed: int, devices: list[torch.device] | None = None) -> Iterator[None]:
+    """Run the body with torch's random streams (CPU and the given CUDA devices) seeded by ``seed``, then
+    put the streams back as they were: the caller's random numbers do not change."""
+    cuda = [d for d in devices or [] if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 class PipelineClassifier(pl.LightningModule):
@@ -35,6 +60,10 @@ class PipelineClassifier(pl.LightningModule):
         weight_decay: L2 penalty passed to the optimizer. Default 0.
         momentum: SGD momentum. Default 0.9.
         scheduler: ``"none"`` or ``"cosine"`` (cosine decay over ``trainer.max_steps`` or the estimated steps).
+        init_seed: seed of the initial weights (block i uses ``block_seed(init_seed, i)``). ``None``
+            (default) draws it from torch's random stream, so ``seed_everything(s)`` fixes it.
+        build_in_configure_model: build the blocks in :meth:`configure_model` (under the strategy's
+            initialisation context, e.g. on the meta device) instead of in ``__init__``. Default False.
     """
 
     blocks: nn.Sequential
@@ -48,6 +77,8 @@ class PipelineClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        init_seed: int | None = None,
+        build_in_configure_model: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -69,6 +100,54 @@ class PipelineClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        if init_seed is None:
+            # On the CPU explicitly: under a meta-device context a default tensor would have no value.
+            init_seed = int(torch.randint(0, _SEED_MODULUS, (), device="cpu"))
+        self.init_seed = int(init_seed)
+        self.build_in_configure_model = build_in_configure_model
+
+    # ----------------------------------------------------------------- building and initial weights
+    def build_blocks(self) -> nn.Sequential:
+        """The model's blocks, freshly constructed (their values are set by :meth:`init_block`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_blocks().")
+
+    def init_block(self, index: int, block: nn.Module) -> None:
+        """Set block ``index``'s initial values in place from torch's (already seeded) random stream.
+
+        The default calls ``reset_parameters()`` of every submodule that has one, in ``modules()`` order.
+        """
+        for module in block.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+    def pipeline_init_weights(self, index: int, block: nn.Module) -> None:
+        """Initialise block ``index`` in place from a random stream seeded by ``(init_seed, index)`` only.
+
+        Pipeline strategies call this for each block a rank materialises, so initial weights do not depend
+        on which other blocks the rank holds. The caller's random stream is left unchanged.
+        """
+        devices = sorted({t.device for t in [*block.parameters(), *block.buffers()]}, key=str)
+        with seeded_random(block_seed(self.init_seed, index), devices):
+            self.init_block(index, block)
+
+    def reset_pipeline_weights(self) -> None:
+        """Initialise every block with :meth:`pipeline_init_weights`."""
+        for index, block in enumerate(self.blocks):
+            self.pipeline_init_weights(index, block)
+
+    def _build_unless_deferred(self) -> None:
+        # Subclasses call this at the end of __init__, once build_blocks has what it needs.
+        if not self.build_in_configure_model:
+            self.configure_model()
+
+    @override
+    def configure_model(self) -> None:
+        """Build and initialise the blocks, once (later calls do nothing)."""
+        if "blocks" in self._modules:
+            return
+        self.blocks = self.build_blocks()
+        self.reset_pipeline_weights()
 
     # ----------------------------------------------------------------- pipeline protocol
     def pipeline_blocks(self) -> nn.Sequential:

@@ -3,6 +3,11 @@
 Blocks, in order: the embedding (token + learned position), ``n_layer`` transformer blocks, the head
 (final LayerNorm + linear to the vocabulary). Attention is written with ``nn.Linear`` projections and
 ``scaled_dot_product_attention`` so that per-layer plugins (K-FAC, quantization) see every projection.
+
+With ``tie_weights=True`` the head's output projection is the token embedding's weight (as in GPT-2): one
+parameter used by the first and the last block. Its initial value comes from the embedding block (block 0);
+the head's initialisation leaves it alone, so a rank that holds only the head must take it from block 0's
+stream (the pipeline strategies do; see ``lightning_parallel.pipeline.stage_local``).
 """
 
 from __future__ import annotations
@@ -86,6 +91,11 @@ class GPTLanguageModel(PipelineClassifier):
         weight_decay: optimizer weight decay. Default 0.
         momentum: SGD momentum. Default 0.9.
         scheduler: ``"none"`` or ``"cosine"``.
+        tie_weights: share the token embedding's weight with the head's output projection (GPT-2 style).
+            Default False.
+        init_seed: seed of the initial weights; ``None`` (default) draws it from torch's random stream.
+        build_in_configure_model: build the blocks in ``configure_model()`` (e.g. on the meta device under
+            a stage-local pipeline strategy) instead of in ``__init__``. Default False.
     """
 
     def __init__(
@@ -102,6 +112,9 @@ class GPTLanguageModel(PipelineClassifier):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        tie_weights: bool = False,
+        init_seed: int | None = None,
+        build_in_configure_model: bool = False,
     ) -> None:
         super().__init__(
             num_classes=vocab_size,
@@ -110,6 +123,8 @@ class GPTLanguageModel(PipelineClassifier):
             weight_decay=weight_decay,
             momentum=momentum,
             scheduler=scheduler,
+            init_seed=init_seed,
+            build_in_configure_model=build_in_configure_model,
         )
         if block_size < 1 or n_layer < 1:
             raise ValueError(f"block_size={block_size} and n_layer={n_layer} must be >= 1.")
@@ -118,22 +133,39 @@ class GPTLanguageModel(PipelineClassifier):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1).")
         self.save_hyperparameters()
+        self.vocab_size, self.n_layer, self.n_head, self.n_embd = vocab_size, n_layer, n_head, n_embd
         self.block_size = block_size
-        self.blocks = nn.Sequential(
-            Embedding(vocab_size, block_size, n_embd, dropout),
-            *(TransformerBlock(n_embd, n_head, dropout) for _ in range(n_layer)),
-            nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab_size)),
-        )
-        self.apply(self._init_weights)
+        self.dropout = dropout
+        self.tie_weights = tie_weights
+        self._build_unless_deferred()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+    @override
+    def build_blocks(self) -> nn.Sequential:
+        embedding = Embedding(self.vocab_size, self.block_size, self.n_embd, self.dropout)
+        head = nn.Sequential(nn.LayerNorm(self.n_embd), nn.Linear(self.n_embd, self.vocab_size))
+        if self.tie_weights:
+            head[1].weight = embedding.token.weight  # (vocab, C) serves both lookups and logits
+        return nn.Sequential(
+            embedding,
+            *(TransformerBlock(self.n_embd, self.n_head, self.dropout) for _ in range(self.n_layer)),
+            head,
+        )
+
+    @override
+    def init_block(self, index: int, block: nn.Module) -> None:
+        """Normal(0, 0.02) weights of linear and embedding layers, zero biases, unit LayerNorms; the tied
+        head weight is block 0's and is left alone here."""
+        tied = self.tie_weights and index == self.n_layer + 1
+        for module in block.modules():
+            if isinstance(module, nn.Linear):
+                if not tied:
+                    nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
 
     @override
     def pipeline_input(self, batch: Any) -> Tensor:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from torch import nn
+from typing_extensions import override
 
 from lightning_parallel.models.base import OptimizerName, PipelineClassifier, SchedulerName
 
@@ -25,6 +26,9 @@ class MLPClassifier(PipelineClassifier):
         weight_decay: optimizer weight decay. Default 0.
         momentum: SGD momentum. Default 0.9.
         scheduler: ``"none"`` or ``"cosine"``.
+        init_seed: seed of the initial weights; ``None`` (default) draws it from torch's random stream.
+        build_in_configure_model: build the blocks in ``configure_model()`` instead of in ``__init__``.
+            Default False.
     """
 
     def __init__(
@@ -39,6 +43,8 @@ class MLPClassifier(PipelineClassifier):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        init_seed: int | None = None,
+        build_in_configure_model: bool = False,
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -47,6 +53,8 @@ class MLPClassifier(PipelineClassifier):
             weight_decay=weight_decay,
             momentum=momentum,
             scheduler=scheduler,
+            init_seed=init_seed,
+            build_in_configure_model=build_in_configure_model,
         )
         if in_features < 1:
             raise ValueError(f"in_features={in_features} must be positive (64 for 8x8 digits).")
@@ -55,12 +63,18 @@ class MLPClassifier(PipelineClassifier):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}.")
         self.save_hyperparameters()
-        widths = [in_features, *hidden]
+        self.widths = [in_features, *hidden]
+        self.activation = activation
+        self._build_unless_deferred()
+
+    @override
+    def build_blocks(self) -> nn.Sequential:
+        widths = self.widths
         layers: list[list[nn.Module]] = [
-            [nn.Linear(widths[i], widths[i + 1]), _ACTIVATIONS[activation]()] for i in range(len(hidden))
+            [nn.Linear(widths[i], widths[i + 1]), _ACTIVATIONS[self.activation]()] for i in range(len(widths) - 1)
         ]
-        layers.append([nn.Linear(widths[-1], num_classes)])
+        layers.append([nn.Linear(widths[-1], self.num_classes)])
         # The first block flattens, so images (B, 1, 8, 8) and vectors (B, 64) both work.
         layers[0].insert(0, nn.Flatten())
-        self.blocks = nn.Sequential(*(nn.Sequential(*layer) for layer in layers))
+        return nn.Sequential(*(nn.Sequential(*layer) for layer in layers))
 

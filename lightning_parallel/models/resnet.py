@@ -65,6 +65,9 @@ class ResNetClassifier(PipelineClassifier):
         weight_decay: optimizer weight decay. Default 0.
         momentum: SGD momentum. Default 0.9.
         scheduler: ``"none"`` or ``"cosine"``.
+        init_seed: seed of the initial weights; ``None`` (default) draws it from torch's random stream.
+        build_in_configure_model: build the blocks in ``configure_model()`` instead of in ``__init__``.
+            Default False.
     """
 
     def __init__(
@@ -80,6 +83,8 @@ class ResNetClassifier(PipelineClassifier):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        init_seed: int | None = None,
+        build_in_configure_model: bool = False,
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -88,6 +93,8 @@ class ResNetClassifier(PipelineClassifier):
             weight_decay=weight_decay,
             momentum=momentum,
             scheduler=scheduler,
+            init_seed=init_seed,
+            build_in_configure_model=build_in_configure_model,
         )
         widths = list(widths)
         if not widths or any(w < 1 for w in widths):
@@ -99,18 +106,23 @@ class ResNetClassifier(PipelineClassifier):
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"norm={norm!r} is not one of ('batch', 'group', 'none').")
         self.save_hyperparameters()
+        self.widths, self.blocks_per_stage, self.in_channels, self.norm = widths, blocks_per_stage, in_channels, norm
+        self._build_unless_deferred()
+
+    @override
+    def build_blocks(self) -> nn.Sequential:
         blocks: list[nn.Module] = [
             nn.Sequential(
-                nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=norm == "none"),
-                _norm(norm, widths[0]),
+                nn.Conv2d(self.in_channels, self.widths[0], 3, padding=1, bias=self.norm == "none"),
+                _norm(self.norm, self.widths[0]),
                 nn.ReLU(),
             )
         ]
-        channels = widths[0]
-        for stage, width in enumerate(widths):
-            for index in range(blocks_per_stage):
+        channels = self.widths[0]
+        for stage, width in enumerate(self.widths):
+            for index in range(self.blocks_per_stage):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(channels, width, stride, norm))
+                blocks.append(BasicBlock(channels, width, stride, self.norm))
                 channels = width
-        blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)))
-        self.blocks = nn.Sequential(*blocks)
+        blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, self.num_classes)))
+        return nn.Sequential(*blocks)

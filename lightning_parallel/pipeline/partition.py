@@ -10,6 +10,10 @@ stage 0, blocks 3-4 on stage 1 and so on. Methods:
 - ``parameters``: balance the number of parameters per stage (DeepSpeed's default).
 - ``profile``: measure each block's forward + backward time, parameter bytes and the bytes it saves
   for backward on one micro-batch (:func:`profile_blocks`), then balance the time.
+- ``flops``: count each block's forward + backward floating-point operations on one micro-batch
+  (:func:`flop_counts`, ``torch.utils.flop_counter`` over meta tensors: no weight needs to exist and
+  nothing is computed), then balance the count. The default for modules built on the meta device, where
+  there is nothing to time.
 
 Balancing is exact: :func:`balanced_partition` is a dynamic programme over (blocks, stages) that returns a
 contiguous partition whose slowest stage is as fast as any contiguous partition allows (the classic
@@ -31,8 +35,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-PartitionMethod = Literal["uniform", "parameters", "profile"]
-PARTITION_METHODS: tuple[str, ...] = ("uniform", "parameters", "profile")
+PartitionMethod = Literal["uniform", "parameters", "profile", "flops"]
+PARTITION_METHODS: tuple[str, ...] = ("uniform", "parameters", "profile", "flops")
 
 
 @dataclass(frozen=True)
@@ -300,9 +304,10 @@ def partition_blocks(
     Args:
         blocks: the ordered blocks.
         stages: number of stages.
-        method: ``"uniform"``, ``"parameters"``, ``"profile"`` or an explicit list of blocks per stage.
-        sample_input: the first block's input for one micro-batch (``"profile"`` only, unless ``profiles``
-            is given).
+        method: ``"uniform"``, ``"parameters"``, ``"profile"``, ``"flops"`` or an explicit list of blocks
+            per stage.
+        sample_input: the first block's input for one micro-batch (``"profile"`` unless ``profiles`` is
+            given, and ``"flops"``; for ``"flops"`` only its shape and dtype matter).
         profiles: measured block costs to use instead of profiling again (``"profile"`` only).
 
     Raises:
@@ -326,6 +331,13 @@ def partition_blocks(
         if len(profiles) != num_blocks:
             raise ValueError(f"profiles has {len(profiles)} entries but there are {num_blocks} blocks.")
         return balanced_partition([p.time_s for p in profiles], stages)
+    if method == "flops":
+        if sample_input is None:
+            raise ValueError(
+                "partition='flops' needs sample_input (the first block's input of one micro-batch; a meta "
+                "tensor of the right shape is enough)."
+            )
+        return balanced_partition([float(c) for c in flop_counts(blocks, sample_input)], stages)
     raise ValueError(
         f"partition={method!r} is not one of {PARTITION_METHODS} or a list of blocks per stage, e.g. [2, 2]."
     )
@@ -339,6 +351,41 @@ def _check_counts(num_blocks: int, stages: int) -> None:
             f"{num_blocks} blocks cannot fill stages={stages} (every stage needs at least one block); "
             f"use at most {num_blocks} stages or split the model into more blocks."
         )
+
+
+def flop_counts(blocks: Sequence[nn.Module], sample_input: torch.Tensor, *, backward: bool = True) -> list[int]:
+    """Floating-point operations of each block's forward (and backward) on one micro-batch, counted on meta.
+
+    Every block runs on meta copies of its parameters and buffers (``torch.func.functional_call``; the
+    block itself is not changed and may be on the meta device or materialised), so nothing is computed and
+    no memory is allocated beyond meta tensors. Block i runs on the meta output of block i-1. Operations
+    that ``FlopCounterMode`` does not count (element-wise ones, norms, softmax) count zero: the cost is
+    dominated by matrix products, which it counts exactly (``2 x m x n x k`` per product).
+
+    Args:
+        blocks: the ordered blocks.
+        sample_input: the first block's input for one micro-batch; only its shape and dtype are used.
+        backward: also count the backward pass (weight and input gradients). Default True.
+    """
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.empty_like(sample_input, device="meta")
+    counts: list[int] = []
+    for block in blocks:
+        state = {
+            name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+            for name, t in [*block.named_parameters(), *block.named_buffers()]
+        }
+        inp = x.detach().requires_grad_(backward and x.is_floating_point())
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = functional_call(block, state, (inp,))
+            if backward and out.requires_grad:
+                out.backward(torch.empty_like(out))
+        counts.append(int(counter.get_total_flops()))
+        x = out.detach()
+    return counts
 
 
 def describe_partition(sizes: Sequence[int], costs: Sequence[float] | None = None) -> str:
@@ -359,6 +406,7 @@ __all__ = [
     "balanced_partition",
     "check_partition",
     "describe_partition",
+    "flop_counts",
     "outer_first_partition",
     "parameter_counts",
     "partition_blocks",

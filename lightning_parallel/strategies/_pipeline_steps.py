@@ -8,7 +8,7 @@ knows nothing of the strategy. Every collective here runs on every rank in the s
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -78,11 +78,29 @@ class PipelineSteps:
         self._weights: dict[int, float] = {}
 
     # ------------------------------------------------------------------ building
-    def build(self, schedule: Schedule, groups: PipelineGroups, sizes: Sequence[int]) -> None:
-        """Place this rank's stages (a ``deepcopy`` for Chimera's second pipeline) and start the runtime."""
+    def build(
+        self,
+        schedule: Schedule,
+        groups: PipelineGroups,
+        sizes: Sequence[int],
+        *,
+        wrap: Callable[[int, nn.Module], nn.Module] | None = None,
+        allow_tied: bool = False,
+    ) -> None:
+        """Place this rank's stages (a ``deepcopy`` for Chimera's second pipeline) and start the runtime.
+
+        Args:
+            schedule: the schedule to run.
+            groups: this rank's process groups.
+            sizes: blocks per stage.
+            wrap: ``wrap(stage, module)`` replaces a stage's module in the runtime (e.g. to recompute it);
+                its parameters must be the module's.
+            allow_tied: accept a parameter shared by blocks of different stages (the caller keeps the
+                stages' copies equal); otherwise refused.
+        """
         self.schedule, self.groups, self.sizes = schedule, groups, list(sizes)
         slices = stage_slices(self.sizes)
-        self._check_blocks(slices)
+        self._check_blocks(slices, allow_tied=allow_tied)
         for replica, stage in sorted(schedule.stages_of(groups.pipeline_rank)):
             original = nn.Sequential(*self.blocks[slices[stage]])
             if replica == 0:
@@ -91,6 +109,8 @@ class PipelineSteps:
                 duplicate = copy.deepcopy(original)
                 self.stage_modules[(replica, stage)] = duplicate
                 self.copies.append((original, duplicate))
+        if wrap is not None:
+            self.stage_modules = {key: wrap(key[1], module) for key, module in self.stage_modules.items()}
         for (replica, _), stage_module in sorted(self.stage_modules.items()):
             for param in stage_module.parameters():
                 self.params.append(param)
@@ -106,14 +126,14 @@ class PipelineSteps:
             device=self.device,
         )
 
-    def _check_blocks(self, slices: Sequence[slice]) -> None:
+    def _check_blocks(self, slices: Sequence[slice], *, allow_tied: bool = False) -> None:
         stage_of: dict[int, int] = {}
         names = {id(p): name for name, p in self.module.named_parameters(remove_duplicate=False)}
         for stage, block_slice in enumerate(slices):
             for block in self.blocks[block_slice]:
                 for param in block.parameters():
                     other = stage_of.setdefault(id(param), stage)
-                    if other != stage:
+                    if other != stage and not allow_tied:
                         raise ValueError(
                             f"Parameter {names.get(id(param), '?')} is shared by stages {other} and {stage} of "
                             f"partition={self.sizes}; tied weights must sit in one stage: choose a partition "

@@ -55,7 +55,9 @@ def test_resnet_learns_digits(tmp_path: object) -> None:
         enable_model_summary=False, default_root_dir=str(tmp_path),
     )
     trainer.fit(model, DigitsDataModule(batch_size=64))
-    assert float(trainer.callback_metrics["val_acc"]) > 0.8
+    # Chance is 0.1. Two epochs reach 0.70-0.84 over seeds 0-2 depending on the initial weights' stream, so
+    # the bound sits below that spread rather than at one seed's value.
+    assert float(trainer.callback_metrics["val_acc"]) > 0.6
 
 
 def test_gpt_loss_falls_on_synthetic_tokens(tmp_path: object) -> None:
