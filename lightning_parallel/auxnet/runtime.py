@@ -46,7 +46,7 @@ from lightning_parallel.auxnet.messages import Messenger
 from lightning_parallel.auxnet.options import AuxNetOptions
 from lightning_parallel.auxnet.stage import AuxNetStage, LossFn, sleep
 from lightning_parallel.interlocking.plan import stages_of_rank
-from lightning_parallel.interlocking.runtime import infer_stage_outputs
+from lightning_parallel.interlocking.runtime import forward_backward_order, infer_stage_outputs
 from lightning_parallel.interlocking.stage import SimulatedCost
 from lightning_parallel.pipeline.micro_batches import batch_size
 
@@ -150,13 +150,7 @@ class AuxNetRuntime:
     # ------------------------------------------------------------------------------ training
     def order(self, micro_batches: int) -> list[tuple[str, int]]:
         """This rank's actions for a step of ``micro_batches``: ``("F", m)`` and ``("B", m)`` in order."""
-        warmup = min(self.warmup, micro_batches)
-        actions = [("F", m) for m in range(warmup)]
-        for m in range(micro_batches):
-            if m + warmup < micro_batches:
-                actions.append(("F", m + warmup))
-            actions.append(("B", m))
-        return actions
+        return forward_backward_order(micro_batches, self.warmup)
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[int, dict[str, torch.Tensor]]:
         """Accumulate into the held stages' (and auxiliary networks') ``.grad`` the gradients of one step.

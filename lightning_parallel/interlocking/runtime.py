@@ -112,13 +112,7 @@ class InterlockingRuntime:
         """This rank's actions for a step of ``micro_batches``: ``("F", m)`` and ``("B", m)`` in order."""
         if not self.has_backward:
             return [("F", m) for m in range(micro_batches)]
-        warmup = max(0, min(self.warmup, micro_batches))
-        actions = [("F", m) for m in range(warmup)]
-        for m in range(micro_batches):
-            if m + warmup < micro_batches:
-                actions.append(("F", m + warmup))
-            actions.append(("B", m))
-        return actions
+        return forward_backward_order(micro_batches, self.warmup)
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[int, torch.Tensor]:
         """Accumulate into the held stages' (and heads') ``.grad`` the interlocking gradients of one step.
@@ -269,6 +263,20 @@ class InterlockingRuntime:
         if key not in self._shapes:
             self._shapes[key] = infer_stage_outputs(self.stage_blocks, x)
         return self._shapes[key]
+
+
+def forward_backward_order(micro_batches: int, warmup: int) -> list[tuple[str, int]]:
+    """``F(0) .. F(w-1)``, then ``F(m + w), B(m)`` alternately, with ``w = max(0, min(warmup, micro_batches))``.
+
+    The per-rank order of the local-learning runtimes (interlocking and AuxNet): ``("F", m)`` and ``("B", m)``.
+    """
+    warmup = max(0, min(warmup, micro_batches))
+    actions = [("F", m) for m in range(warmup)]
+    for m in range(micro_batches):
+        if m + warmup < micro_batches:
+            actions.append(("F", m + warmup))
+        actions.append(("B", m))
+    return actions
 
 
 def infer_stage_outputs(
