@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_parallel.callbacks import DPKFAC
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner
+from tests.helpers.trainers import quiet_trainer
 
 
 class TinyNet(pl.LightningModule):
@@ -49,27 +50,13 @@ def _data(n: int = 16, batch_size: int = 8) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
-def _trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
-
 OPTIONS = {"damping": 0.01, "kl_clip": 0.01, "inv_update_steps": 3, "factor_decay": 0.9}
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "categorical"])
 def test_trainer_matches_a_manual_loop_with_the_preconditioner(tmp_path: Path, fisher: str) -> None:
     model = TinyNet()
-    _trainer(tmp_path, [DPKFAC(**OPTIONS, fisher=fisher)], max_epochs=2).fit(model, _data())
+    quiet_trainer(tmp_path, [DPKFAC(**OPTIONS, fisher=fisher)], max_epochs=2).fit(model, _data())
 
     reference = TinyNet()
     optimizer = reference.configure_optimizers()
@@ -83,16 +70,16 @@ def test_trainer_matches_a_manual_loop_with_the_preconditioner(tmp_path: Path, f
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
     plain = TinyNet()
-    _trainer(tmp_path, [], max_epochs=2).fit(plain, _data())
+    quiet_trainer(tmp_path, [], max_epochs=2).fit(plain, _data())
     assert not torch.allclose(plain.net[0].weight, model.net[0].weight)
 
 
 def test_resume_is_exact(tmp_path: Path) -> None:
     continuous = TinyNet()
-    _trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=3).fit(continuous, _data())
+    quiet_trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=3).fit(continuous, _data())
 
     first = TinyNet()
-    trainer = _trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=1)
     trainer.fit(first, _data())
     path = tmp_path / "half.ckpt"
     trainer.save_checkpoint(path)
@@ -102,7 +89,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert "qa" in state["layers"]["net.0"]["decomposition"]
 
     resumed = TinyNet()
-    _trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=3).fit(resumed, _data(), ckpt_path=path)
+    quiet_trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=3).fit(resumed, _data(), ckpt_path=path)
     for p, q in zip(continuous.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -115,7 +102,7 @@ def test_loss_scale_does_not_leak_into_g_under_16_mixed(tmp_path: Path) -> None:
     ):
         callback = DPKFAC(**OPTIONS)
         model = TinyNet()
-        trainer = _trainer(tmp_path, [callback], max_steps=1, plugins=plugins)
+        trainer = quiet_trainer(tmp_path, [callback], max_steps=1, plugins=plugins)
         trainer.fit(model, _data())
         factors[name] = callback.state_dict()["layers"]["net.5"]["g_factor"]
     ratio = (factors["16"].norm() / factors["32"].norm()).item()
@@ -127,7 +114,7 @@ def test_per_rank_counters_reach_the_logger(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
     callback = DPKFAC(**OPTIONS, log_every_n_steps=1)
-    trainer = _trainer(tmp_path, [callback], max_steps=2, logger=CSVLogger(tmp_path, name="kfac"))
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=2, logger=CSVLogger(tmp_path, name="kfac"))
     trainer.fit(TinyNet(), _data())
     assert callback.logged["kfac/curvature_bytes/rank0"] > 0
     assert callback.logged["kfac/factor_seconds/rank0"] > 0
@@ -181,7 +168,7 @@ class NoLayers(TinyNet):
 
 def test_model_without_supported_layers_fails_at_setup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"`model` \(NoLayers\) has no nn.Linear or nn.Conv2d layer"):
-        _trainer(tmp_path, [DPKFAC()], max_steps=1).fit(NoLayers(), _data())
+        quiet_trainer(tmp_path, [DPKFAC()], max_steps=1).fit(NoLayers(), _data())
 
 
 def test_local_loss_pipeline_and_sharded_strategies_are_refused() -> None:

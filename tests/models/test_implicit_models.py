@@ -5,7 +5,6 @@ what their blocks save."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,22 +17,9 @@ from lightning_parallel.data import DigitsDataModule, Toy2DDataModule
 from lightning_parallel.models import CNFDensityModel, DEQClassifier, ODEClassifier
 from lightning_parallel.plugins import CompressedActivationPrecision
 from tests.helpers.distributed import run_distributed
+from tests.helpers.trainers import quiet_trainer
 
 KFAC = {"damping": 0.01, "kl_clip": 0.01, "inv_update_steps": 2}
-
-
-def _trainer(tmp_path: Path, callbacks: list[Any] | None = None, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks or [], **defaults)
 
 
 def _data(n: int = 16, batch_size: int = 8) -> DataLoader:
@@ -61,7 +47,7 @@ def _params(model: torch.nn.Module) -> list[np.ndarray]:
 def test_classifiers_learn_digits(tmp_path: Path, name: str) -> None:
     pl.seed_everything(0)
     model = DEQClassifier(lr=3e-3) if name == "deq" else ODEClassifier(lr=3e-3, steps=4)
-    trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=4)
     trainer.fit(model, DigitsDataModule(batch_size=64, image_size=8))
     assert float(trainer.callback_metrics["val_acc"]) > 0.8
 
@@ -71,7 +57,7 @@ def test_flow_learns_moons(tmp_path: Path) -> None:
     flow = CNFDensityModel(hidden=32)
     data = Toy2DDataModule(num_samples=1024, batch_size=128)
     before = -float(flow.log_density(next(iter(data.val_dataloader()))[0]).mean())
-    _trainer(tmp_path, max_epochs=3).fit(flow, data)
+    quiet_trainer(tmp_path, max_epochs=3).fit(flow, data)
     after = -float(flow.log_density(next(iter(data.val_dataloader()))[0]).mean())
     assert after < before - 0.3, (before, after)
 
@@ -92,14 +78,14 @@ def test_flow_density_integrates_to_one() -> None:
 @pytest.mark.parametrize("name", ["deq", "ode"])
 def test_resume_is_exact_with_dpkfac(tmp_path: Path, name: str) -> None:
     full = _models()[name]
-    _trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=3).fit(full, _data())
+    quiet_trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=3).fit(full, _data())
     first = _models()[name]
-    trainer = _trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=1)
     trainer.fit(first, _data())
     path = tmp_path / f"{name}.ckpt"
     trainer.save_checkpoint(path)
     resumed = _models()[name]
-    _trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=3).fit(resumed, _data(), ckpt_path=path)
+    quiet_trainer(tmp_path, [DPKFAC(**KFAC)], max_epochs=3).fit(resumed, _data(), ckpt_path=path)
     for got, want in zip(_params(resumed), _params(full)):
         np.testing.assert_array_equal(got, want)
 
@@ -110,7 +96,7 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict[str, list[np.ndar
     out = {}
     for name, model in _models().items():
         loader = DataLoader(dataset, batch_size=8 // world_size, sampler=sampler)
-        _trainer(
+        quiet_trainer(
             Path(root), max_epochs=2, devices=world_size, strategy="ddp", use_distributed_sampler=False
         ).fit(model, loader)
         out[name] = _params(model)
@@ -121,7 +107,7 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict[str, list[np.ndar
 def test_ddp_equals_single_process(tmp_path: Path) -> None:
     results = run_distributed(_ddp_worker, 2, str(tmp_path), timeout=300.0)
     for name, model in _models().items():
-        _trainer(tmp_path, max_epochs=2).fit(model, _data())
+        quiet_trainer(tmp_path, max_epochs=2).fit(model, _data())
         for res in results:
             for got, want in zip(res[name], _params(model)):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -133,7 +119,7 @@ def test_compressed_activations_shrink_what_the_blocks_save(tmp_path: Path, name
     model = DEQClassifier(width=64) if name == "deq" else ODEClassifier(width=64, steps=8, checkpoints=8)
     plugin = CompressedActivationPrecision(codec="kbit", bits=4, min_numel=256)
     callbacks = [DEQStatistics()] if name == "deq" else []
-    trainer = _trainer(tmp_path, callbacks, max_steps=3, plugins=[plugin])
+    trainer = quiet_trainer(tmp_path, callbacks, max_steps=3, plugins=[plugin])
     trainer.fit(model, DataLoader(_data(n=96, batch_size=32).dataset, batch_size=32))
     stats = plugin.last_stats
     assert stats.compressed_tensors > 0
