@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_parallel.callbacks import DPKFAC
-from tests.callbacks.test_dpkfac import OPTIONS, TinyNet, _data, _trainer
+from tests.callbacks.test_dpkfac import OPTIONS, TinyNet, _data
 from tests.helpers.distributed import run_distributed
+from tests.helpers.trainers import quiet_trainer
 
 
 def _params(model: TinyNet) -> list[np.ndarray]:
@@ -33,11 +34,11 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     for assignment in ("replicated", "dp"):
         model = TinyNet()
         callback = DPKFAC(**OPTIONS, assignment=assignment)
-        _trainer(tmp, [callback], max_epochs=2, **ddp).fit(model, _split_data(rank, world_size))
+        quiet_trainer(tmp, [callback], max_epochs=2, **ddp).fit(model, _split_data(rank, world_size))
         out[assignment] = _params(model)
         out[assignment + "_metrics"] = callback.preconditioner.metrics()  # type: ignore[union-attr]
     first = TinyNet()
-    trainer = _trainer(tmp, [DPKFAC(**OPTIONS)], max_epochs=1, **ddp)
+    trainer = quiet_trainer(tmp, [DPKFAC(**OPTIONS)], max_epochs=1, **ddp)
     trainer.fit(first, _split_data(rank, world_size))
     path = tmp / "dp.ckpt"
     trainer.save_checkpoint(path)  # every rank takes part (the owners' states are gathered)
@@ -45,7 +46,7 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     saved = torch.load(path, weights_only=False)["callbacks"]
     out["saved_layers"] = sorted(next(v for k, v in saved.items() if "DPKFAC" in k)["layers"])
     resumed = TinyNet()
-    _trainer(tmp, [DPKFAC(**OPTIONS)], max_epochs=2, **ddp).fit(
+    quiet_trainer(tmp, [DPKFAC(**OPTIONS)], max_epochs=2, **ddp).fit(
         resumed, _split_data(rank, world_size), ckpt_path=path
     )
     out["resumed"] = _params(resumed)
@@ -55,7 +56,7 @@ def _worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
 def test_ddp_two_processes(tmp_path: Path) -> None:
     results = run_distributed(_worker, 2, str(tmp_path), timeout=180.0)
     reference = TinyNet()
-    _trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=2).fit(reference, _data(batch_size=8))
+    quiet_trainer(tmp_path, [DPKFAC(**OPTIONS)], max_epochs=2).fit(reference, _data(batch_size=8))
     for res in results:
         for got, want in zip(res["replicated"], reference.parameters()):
             torch.testing.assert_close(torch.as_tensor(got), want.detach(), rtol=1e-5, atol=1e-6)
