@@ -21,7 +21,8 @@ Design decisions:
 - ``partition="profile"`` needs a micro-batch: the pipeline is then built at the first batch, profiled on
   global rank 0 and broadcast so that every rank uses the same partition. ``partition="flops"`` too (the
   floating-point operations of one micro-batch, counted on meta tensors).
-- ``stage_local=True``: a rank holds only the weights of the stages it trains (see
+- ``stage_local=True`` (by default for a module built in ``configure_model``): a rank holds only the weights
+  of the stages it trains (see
   :class:`~lightning_parallel.strategies.stage_local_state.StageLocalState`). ``configure_model`` then runs
   on the meta device and only the held blocks are materialised (initialised by the module's
   ``pipeline_init_weights``, so the weights do not depend on the layout); an eagerly built module is cut
@@ -84,10 +85,12 @@ class ChimeraStrategy(PipelineStrategy):
             micro-batches at once in the schedule (the first stages under 1F1B), or a list of stages.
             Default False.
         stage_local: hold only the weights of this rank's stages (``configure_model`` on the meta device,
-            or the other blocks freed right after partitioning). Default False.
+            or the other blocks freed right after partitioning). ``None`` (default): on for a module built in
+            ``configure_model`` (it then runs on the meta device), off for one built eagerly in ``__init__``
+            (every rank keeps the whole module, single-file checkpoints). ``False`` opts out for both.
         save_distributed_checkpoint: write sharded checkpoint directories (each rank its own stages, through
-            ``torch.distributed.checkpoint``); ``None`` (default) means ``stage_local``. A stage-local run
-            needs True; ``lightning-parallel consolidate DIR OUT.ckpt`` makes a single-device checkpoint.
+            ``torch.distributed.checkpoint``); ``None`` (default) means: when weights are stage-local. A
+            stage-local run needs True; ``lightning-parallel consolidate DIR OUT.ckpt`` makes a single-device checkpoint.
         timeout_s: seconds a rank waits for a peer (process group and pipeline transfers). Default 300.
         start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
             ``"fork"`` or ``"forkserver"``.
@@ -108,7 +111,7 @@ class ChimeraStrategy(PipelineStrategy):
         partition: str | Sequence[int] = "uniform",
         forward_doubling: bool = False,
         recompute: bool | Sequence[int] = False,
-        stage_local: bool = False,
+        stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",

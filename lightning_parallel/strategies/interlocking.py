@@ -86,9 +86,10 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
             finish the step before the next step's forwards start (same results, more idle time). Default
             False: no global flush, a process starts the next step as soon as its own stages have stepped.
         stage_local: hold only the weights of this rank's stages and their heads (``configure_model`` on the
-            meta device, or the other blocks freed right after partitioning). Default False.
+            meta device, or the other blocks freed right after partitioning). ``None`` (default): on for a
+            module built in ``configure_model``, off for one built eagerly; ``False`` opts out for both.
         save_distributed_checkpoint: sharded checkpoint directories (each rank its own stages and heads);
-            ``None`` (default) means ``stage_local``, which needs True. They resume with the same ``stages``
+            ``None`` (default) means: when weights are stage-local, which needs True. They resume with the same ``stages``
             (any world size that divides it); ``lightning-parallel consolidate DIR OUT.ckpt`` makes a
             single-device checkpoint.
         timeout_s: seconds a rank waits for a peer (process group and transfers). Default 300.
@@ -113,7 +114,7 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         *,
         partition: str | Sequence[int] | None = None,
         synchronous: bool = False,
-        stage_local: bool = False,
+        stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",

@@ -90,9 +90,10 @@ class PipelineStrategy(DDPStrategy):
         start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
             ``"fork"`` or ``"forkserver"``.
         stage_local: hold only the weights of this rank's stages (subclasses with
-            :attr:`supports_stage_local`). Default False.
+            :attr:`supports_stage_local`). ``None`` (default): on when the module is built in
+            ``configure_model`` (which then runs on the meta device), off for a module built eagerly.
         save_distributed_checkpoint: write sharded checkpoint directories; ``None`` (default) means
-            ``stage_local``. A stage-local run needs True.
+            stage-local weights are on. A stage-local run needs True.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
@@ -113,7 +114,7 @@ class PipelineStrategy(DDPStrategy):
         *,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
-        stage_local: bool = False,
+        stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
         **kwargs: Any,
     ) -> None:
@@ -125,17 +126,23 @@ class PipelineStrategy(DDPStrategy):
         self.stages = stages
         self.timeout_s = float(timeout_s)
         self.set_aside = SetAsideGradients()
-        self._check_stage_local(stage_local, save_distributed_checkpoint)
-        self.stage_local = stage_local
-        self.save_distributed_checkpoint = stage_local if save_distributed_checkpoint is None else save_distributed_checkpoint
+        if stage_local is not None and not isinstance(stage_local, bool):
+            raise TypeError(f"stage_local={stage_local!r} must be True, False or None (on for configure_model builds).")
+        if stage_local is True and not self.supports_stage_local:
+            raise ValueError(
+                f"{type(self).__name__} does not support stage_local=True; leave it False (every rank holds the model)."
+            )
+        self._requested_sharded = save_distributed_checkpoint
+        if stage_local is not None:
+            self._check_stage_local(stage_local, save_distributed_checkpoint)
+        self.stage_local: bool | None = False if not self.supports_stage_local else stage_local
+        self.save_distributed_checkpoint = bool(self.stage_local) if save_distributed_checkpoint is None else save_distributed_checkpoint
         self._stage_local: StageLocalState | None = None
         self._sharded_resume: str | None = None
         self.tied_gradients = TiedGradients()
 
-    def _check_stage_local(self, stage_local: bool, save_distributed_checkpoint: bool | None) -> None:
-        name = type(self).__name__
-        if stage_local and not self.supports_stage_local:
-            raise ValueError(f"{name} does not support stage_local=True; leave it False (every rank holds the model).")
+    @staticmethod
+    def _check_stage_local(stage_local: bool, save_distributed_checkpoint: bool | None) -> None:
         if save_distributed_checkpoint is None:
             save_distributed_checkpoint = stage_local
         if stage_local and not save_distributed_checkpoint:
@@ -262,8 +269,20 @@ class PipelineStrategy(DDPStrategy):
             yield
 
     @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Lightning runs configure_model here: by default (stage_local=None) a module built there is built on
+        # meta and becomes stage-local (the large-model path); explicit False builds it whole on the device.
+        if self.stage_local is None:
+            with torch.device("meta"):
+                yield
+            return
+        with super().model_sharded_context():
+            yield
+
+    @override
     def model_to_device(self) -> None:
-        if self.model is None or not self.stage_local:
+        if self.model is None or self.stage_local is False:
             super().model_to_device()
             return
         # Meta tensors stay meta (materialised on the device later, stage by stage).
@@ -297,6 +316,8 @@ class PipelineStrategy(DDPStrategy):
             ValueError: if the module has meta tensors but ``stage_local`` is False.
         """
         blocks = list(module.pipeline_blocks())  # type: ignore[operator]
+        if self.stage_local is None:
+            self._resolve_stage_local(has_meta_tensors([module]))
         freed = [has_meta_tensors([block]) for block in blocks]
         # A module already trained stage-local (fit, then validate) keeps each rank's values.
         partly_freed = any(freed) and not all(freed)
@@ -316,6 +337,13 @@ class PipelineStrategy(DDPStrategy):
                 f"use {type(self).__name__}(stage_local=True) to materialise only each rank's stages."
             )
         return self._stage_local
+
+    def _resolve_stage_local(self, meta_built: bool) -> None:
+        """``stage_local=None``: on for a module built on the meta device (in ``configure_model``), off else."""
+        self.stage_local = meta_built
+        self._check_stage_local(meta_built, self._requested_sharded)
+        if self._requested_sharded is None:
+            self.save_distributed_checkpoint = meta_built
 
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.

@@ -187,6 +187,6 @@ def test_stage_local_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="save_distributed_checkpoint=False cannot write"):
         ChimeraStrategy(2, stage_local=True, save_distributed_checkpoint=False)
     with pytest.raises(ValueError, match="save_distributed_checkpoint=True needs stage_local=True"):
-        ChimeraStrategy(2, save_distributed_checkpoint=True)
+        ChimeraStrategy(2, stage_local=False, save_distributed_checkpoint=True)
     with pytest.raises(ValueError, match=r"recompute=\[2\] names stages \[2\] that do not exist"):
         ChimeraStrategy(2, recompute=[2])

@@ -69,17 +69,19 @@ def _world(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["tied"] = _materialised(_fit(_strategy(), 2, tie_weights=True))
     out["tied-k4"] = _materialised(_fit(_strategy(4), 2, tie_weights=True))
-    for name, build, tie in [("local-meta", True, False), ("local-eager", False, False), ("local-tied", True, True)]:
-        module = _fit(_strategy(stage_local=True), 2, build_in_configure_model=build, tie_weights=tie)
+    # local-tied: the default stage_local=None turns stage-local weights on for a module built in configure_model.
+    for name, local, build, tie in [("local-meta", True, True, False), ("local-eager", True, False, False),
+                                    ("local-tied", None, True, True)]:
+        strategy = _strategy(stage_local=local)
+        module = _fit(strategy, 2, build_in_configure_model=build, tie_weights=tie)
         out[name] = _materialised(module)
         out[name + "-bytes"] = materialized_bytes([module])
-    # Sharded checkpoint after 2 steps; resume for the remaining 2.
+        out[name + "-resolved"] = strategy.stage_local
+    # Sharded checkpoint after 2 steps (the default for this meta-built module); resume for the remaining 2.
     path = os.path.join(tmp, "last.ckpt")
-    _fit(_strategy(stage_local=True), 2, steps=2, save=path, build_in_configure_model=True, tie_weights=True)
+    _fit(_strategy(), 2, steps=2, save=path, build_in_configure_model=True, tie_weights=True)
     out["path"] = path
-    out["resumed"] = _materialised(
-        _fit(_strategy(stage_local=True), 2, ckpt_path=path, build_in_configure_model=True, tie_weights=True)
-    )
+    out["resumed"] = _materialised(_fit(_strategy(), 2, ckpt_path=path, build_in_configure_model=True, tie_weights=True))
     out["broken"] = resume_half_written(
         rank, path, lambda broken: _fit(_strategy(stage_local=True), 2, ckpt_path=broken, build_in_configure_model=True, tie_weights=True)
     )
@@ -153,6 +155,12 @@ def test_a_rank_materialises_only_its_stages_and_heads(distributed: list[dict[st
         assert rank_out[name + "-bytes"] == expected, rank
 
 
+def test_stage_local_is_the_default_for_modules_built_in_configure_model(distributed: list[dict[str, Any]]) -> None:
+    assert all(rank_out["local-tied-resolved"] is True for rank_out in distributed)
+    strategy = _strategy()
+    assert strategy.stage_local is None and not strategy.save_distributed_checkpoint  # resolved in setup
+
+
 def test_sharded_checkpoint_resumes_exactly(distributed: list[dict[str, Any]]) -> None:
     assert Path(distributed[0]["path"]).is_dir()
     for rank_out in distributed:
@@ -193,7 +201,16 @@ def test_stage_local_arguments_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="save_distributed_checkpoint=False cannot write"):
         _strategy(stage_local=True, save_distributed_checkpoint=False)
     with pytest.raises(ValueError, match="save_distributed_checkpoint=True needs stage_local=True"):
-        _strategy(save_distributed_checkpoint=True)
+        _strategy(stage_local=False, save_distributed_checkpoint=True)
+    with pytest.raises(TypeError, match="stage_local='yes' must be True, False or None"):
+        _strategy(stage_local="yes")
+    # The default (None) is decided in setup: a meta-built module with single-file checkpoints asked for fails.
+    deferred = _strategy(save_distributed_checkpoint=False)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False cannot write"):
+        deferred._resolve_stage_local(True)
+    eager = _strategy(save_distributed_checkpoint=False)
+    eager._resolve_stage_local(False)
+    assert eager.stage_local is False and eager.save_distributed_checkpoint is False
     save_sharded(tmp_path, {"model/x": torch.zeros(1)}, {"checkpoint": {"interlocking": {"stages": 2}}})
     with pytest.raises(ValueError, match="resume it with stage_local=True"):
         _strategy().load_checkpoint(tmp_path)
