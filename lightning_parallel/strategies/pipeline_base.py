@@ -57,6 +57,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.pipeline.adapters import (
+    PipelineAdapter,
+    check_adapter_options,
+    install_adapter,
+    resolve_adapter,
+)
 from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
 from lightning_parallel.strategies.monitors import warn_unlogged_monitors
 from lightning_parallel.strategies.set_aside import SetAsideGradients
@@ -72,6 +78,16 @@ class PipelineStrategy(DDPStrategy):
         timeout_s: seconds a rank waits for a peer (process group and pipeline transfers). Default 300.
         start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
             ``"fork"`` or ``"forkserver"``.
+        adapter: supplies the pipeline protocol for a module without its hooks
+            (:mod:`lightning_parallel.pipeline.adapters`): ``"hf"`` (a Hugging Face causal LM found in the module),
+            ``"hf:ATTRIBUTE"``, another registered name, or a ``PipelineAdapter``. Default ``None``: the module's
+            own hooks, else a Hugging Face model if the module holds one.
+        blocks: dotted name of the module's ``nn.Sequential``/``nn.ModuleList`` trunk, e.g. ``"model.layers"``
+            (the sequential-trunk adapter). Default ``None``.
+        pre: with ``blocks``: dotted name(s) of modules or methods applied before the trunk. Default ``None``.
+        post: with ``blocks``: dotted name(s) applied after the trunk (e.g. ``["norm", "head"]``). Default ``None``.
+        loss: with ``blocks``: ``"cross_entropy"`` (the default), ``"nll"``, ``"mse"``, or the dotted name of a
+            criterion module or a ``method(output, batch)`` of the module.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
@@ -86,8 +102,15 @@ class PipelineStrategy(DDPStrategy):
         *,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
+        adapter: str | PipelineAdapter | None = None,
+        blocks: str | None = None,
+        pre: str | list[str] | None = None,
+        post: str | list[str] | None = None,
+        loss: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_adapter_options(adapter=adapter, blocks=blocks, pre=pre, post=post, loss=loss)
+        self.adapter, self.blocks, self.pre, self.post, self.loss = adapter, blocks, pre, post, loss
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
         super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
@@ -182,6 +205,7 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None:
             raise RuntimeError(f"{name}.setup called without a LightningModule.")
+        self._install_adapter(trainer, module)
         check_pipeline_protocol(module, who=name)
         if not module.automatic_optimization:
             raise ValueError(
@@ -196,6 +220,17 @@ class PipelineStrategy(DDPStrategy):
         if self.model is not None:
             self.model = self.precision_plugin.convert_module(self.model)
         return module
+
+    def _install_adapter(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Give ``module`` the pipeline protocol through an adapter when it lacks the hooks (or was given one)."""
+        adapter = resolve_adapter(
+            module, adapter=self.adapter, blocks=self.blocks, pre=self.pre, post=self.post, loss=self.loss
+        )
+        if adapter is None:
+            return
+        from lightning_parallel.strategies.local_learning import LocalLearningStrategy
+
+        install_adapter(module, adapter, sample_batch=lambda: LocalLearningStrategy._sample_batch(trainer))
 
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.
