@@ -88,6 +88,10 @@ class PipelineStrategy(DDPStrategy):
         post: with ``blocks``: dotted name(s) applied after the trunk (e.g. ``["norm", "head"]``). Default ``None``.
         loss: with ``blocks``: ``"cross_entropy"`` (the default), ``"nll"``, ``"mse"``, or the dotted name of a
             criterion module or a ``method(output, batch)`` of the module.
+        split_points: split the module by tracing (``torch.distributed.pipelining.pipeline``; the ``"traced"``
+            adapter): dotted names of the submodules that start stages 1, 2, ... (``stages - 1`` of them), or
+            ``"auto"`` (an even split of the longest ``nn.ModuleList``). ``loss`` applies as with ``blocks``.
+            Default ``None``.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
@@ -107,9 +111,11 @@ class PipelineStrategy(DDPStrategy):
         pre: str | list[str] | None = None,
         post: str | list[str] | None = None,
         loss: str | None = None,
+        split_points: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_adapter_options(adapter=adapter, blocks=blocks, pre=pre, post=post, loss=loss)
+        check_adapter_options(adapter=adapter, blocks=blocks, pre=pre, post=post, loss=loss, split_points=split_points)
+        self.split_points = split_points
         self.adapter, self.blocks, self.pre, self.post, self.loss = adapter, blocks, pre, post, loss
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
@@ -224,7 +230,8 @@ class PipelineStrategy(DDPStrategy):
     def _install_adapter(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Give ``module`` the pipeline protocol through an adapter when it lacks the hooks (or was given one)."""
         adapter = resolve_adapter(
-            module, adapter=self.adapter, blocks=self.blocks, pre=self.pre, post=self.post, loss=self.loss
+            module, adapter=self.adapter, blocks=self.blocks, pre=self.pre, post=self.post, loss=self.loss,
+            split_points=self.split_points,
         )
         if adapter is None:
             return

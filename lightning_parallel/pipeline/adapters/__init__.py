@@ -50,6 +50,7 @@ def check_adapter_options(
     pre: str | Sequence[str] | None,
     post: str | Sequence[str] | None,
     loss: str | None,
+    split_points: str | Sequence[str] | None = None,
 ) -> None:
     """Validate a strategy's adapter options in its ``__init__`` (before any module exists).
 
@@ -74,7 +75,18 @@ def check_adapter_options(
             raise TypeError(f"{name}={value!r} must be a dotted name or a list of them, e.g. ['embed', 'drop'].")
     if loss is not None and (not isinstance(loss, str) or not loss):
         raise TypeError(f"loss={loss!r} must be a name such as 'cross_entropy' or one of the module's methods.")
-    if blocks is None and (pre is not None or post is not None or loss is not None):
+    traced = split_points is not None or (isinstance(adapter, str) and adapter.split(":", 1)[0] == "traced")
+    if split_points is not None:
+        if not (split_points == "auto" or (not isinstance(split_points, str) and all(isinstance(n, str) and n for n in split_points))):
+            raise TypeError(f"split_points={split_points!r} must be 'auto' or a list of submodule names, e.g. ['layers.2'].")
+        if blocks is not None or (adapter is not None and not traced):
+            raise ValueError(
+                f"split_points={split_points!r} splits the module by tracing; it cannot be combined with "
+                f"blocks={blocks!r} or adapter={adapter!r}. Give one way to split the module."
+            )
+    if traced and (pre is not None or post is not None):
+        raise ValueError(f"pre={pre!r} and post={post!r} describe a sequential trunk (blocks=); a traced split has none.")
+    if blocks is None and not traced and (pre is not None or post is not None or loss is not None):
         raise ValueError(
             f"pre={pre!r}, post={post!r}, loss={loss!r} describe a sequential trunk and need blocks='ATTRIBUTE' "
             "(e.g. blocks='model.layers')."
@@ -114,11 +126,17 @@ def resolve_adapter(
     pre: str | Sequence[str] | None = None,
     post: str | Sequence[str] | None = None,
     loss: str | None = None,
+    split_points: str | Sequence[str] | None = None,
 ) -> PipelineAdapter | None:
     """The adapter that supplies ``module``'s pipeline protocol, or ``None`` when it needs none (see the module
     docstring for the order); raises nothing itself when there is none: the protocol check does."""
     if isinstance(adapter, PipelineAdapter):
         return adapter
+    if split_points is not None or (isinstance(adapter, str) and adapter.split(":", 1)[0] == "traced"):
+        from lightning_parallel.pipeline.adapters.traced import TracedAdapter
+
+        traced_module = adapter.partition(":")[2] if isinstance(adapter, str) else ""
+        return TracedAdapter(traced_module or None, split_points=split_points or "auto", loss=loss or "cross_entropy")
     if isinstance(adapter, str):
         return adapter_by_name(adapter)
     if blocks is not None:

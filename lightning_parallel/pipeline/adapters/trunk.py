@@ -70,6 +70,28 @@ def batch_item(batch: Any, position: int, keys: Sequence[str], what: str) -> Any
     raise ValueError(f"The batch is a {type(batch).__name__}; the {what} needs an (inputs, targets) pair or a mapping.")
 
 
+def build_loss(module: nn.Module, name: str) -> Callable[[Tensor, Any], Tensor]:
+    """``loss(output, batch)`` for a built-in loss name or the dotted name of a criterion module / method.
+
+    Args:
+        module: the LightningModule the dotted name is resolved on.
+        name: ``"cross_entropy"``, ``"nll"``, ``"mse"`` or a dotted name.
+    """
+    builtin = _LOSSES.get(name)
+    if builtin is not None:
+        return lambda out, batch: builtin(out, batch_item(batch, 1, _TARGET_KEYS, "target"))
+    try:
+        target = resolve_attribute(module, name, argument="loss")
+    except ValueError as err:
+        raise ValueError(f"{err} Built-in losses: {sorted(_LOSSES)}.") from err
+    if isinstance(target, nn.Module):
+        criterion = target
+        return lambda out, batch: criterion(out, batch_item(batch, 1, _TARGET_KEYS, "target"))
+    if callable(target):
+        return target  # type: ignore[no-any-return]  # method(output, batch)
+    raise ValueError(f"loss={name!r} is a {type(target).__name__}; name a built-in loss or a method.")
+
+
 class SequentialTrunkAdapter(PipelineAdapter):
     """The pipeline protocol of a module whose trunk is a named ``nn.Sequential``/``nn.ModuleList``.
 
@@ -122,22 +144,7 @@ class SequentialTrunkAdapter(PipelineAdapter):
             + list(trunk)
             + [self._step(module, name, "post") for name in self.post]
         )
-        self._loss = self._build_loss(module)
-
-    def _build_loss(self, module: nn.Module) -> Callable[[Tensor, Any], Tensor]:
-        builtin = _LOSSES.get(self.loss_name)
-        if builtin is not None:
-            return lambda out, batch: builtin(out, batch_item(batch, 1, _TARGET_KEYS, "target"))
-        try:
-            target = resolve_attribute(module, self.loss_name, argument="loss")
-        except ValueError as err:
-            raise ValueError(f"{err} Built-in losses: {sorted(_LOSSES)}.") from err
-        if isinstance(target, nn.Module):
-            criterion = target
-            return lambda out, batch: criterion(out, batch_item(batch, 1, _TARGET_KEYS, "target"))
-        if callable(target):
-            return target  # type: ignore[no-any-return]  # method(output, batch)
-        raise ValueError(f"loss={self.loss_name!r} is a {type(target).__name__}; name a built-in loss or a method.")
+        self._loss = build_loss(module, self.loss_name)
 
     def pipeline_blocks(self, module: nn.Module) -> Sequence[nn.Module]:
         return self._blocks
