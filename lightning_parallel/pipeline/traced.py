@@ -123,7 +123,7 @@ def unpack(packed: Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]] 
             out.append(packed[at : at + numel].view(shape).to(dtype))
             at += numel
         else:
-            words = packed[at : at + numel * per].detach().contiguous()
+            words = packed[at : at + numel * per].detach().clone()  # offset 0: viewable as int64
             out.append(words.view(torch.int64).to(dtype).view(shape))
             at += numel * per
     return out
@@ -160,7 +160,10 @@ def untraceable_message(module: nn.Module, error: BaseException) -> str:
     while cause.__cause__ is not None and "cannot capture your model" in str(cause):
         cause = cause.__cause__
     frames = traceback.extract_tb(cause.__traceback__)
-    outside = [f for f in frames if not any(part in f.filename.replace("\\", "/") for part in _MACHINERY)]
+    outside = [
+        f for f in frames
+        if not f.filename.startswith("<") and not any(part in f.filename.replace("\\", "/") for part in _MACHINERY)
+    ]
     where = ""
     if outside:
         op = outside[-1]
@@ -424,9 +427,8 @@ def split_traced(
         ValueError: for a split point that names no submodule, or a parameter used by two stages.
     """
     args, kwargs = tuple(args), dict(kwargs or {})
-    with torch.no_grad():
-        reference = module(*args, **kwargs)
-    out_leaves, spec = pytree.tree_flatten(reference)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        out_leaves, spec = pytree.tree_flatten(module(*args, **kwargs))
     output_spec: pytree.TreeSpec | None = spec
     pipe = _trace(module, args, kwargs, split_points)
     _check_tied(pipe, module)
@@ -478,21 +480,24 @@ def split_traced(
         )
     positions = [placeholders.index(name) for name, _, _ in inputs]
     split = TracedSplit(stages, inputs, positions, list(split_points))
-    _check_against(split, module, args, kwargs, reference)
+    _check_against(split, module, args, kwargs)
     return split
 
 
-def _check_against(split: TracedSplit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   reference: Any) -> None:
-    """Run the stages on the sample and compare with the module's own forward (nothing silently wrong)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        x: Any = split.stage_input(args, kwargs, forward=module.forward)
-        for stage in split.stages:
-            x = stage(x)
-    expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, Tensor)]
+def _check_against(split: TracedSplit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run the stages on the sample and compare with the module's own forward, in eval mode (deterministic; the
+    eval graphs where there are any): nothing silently wrong."""
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            expected = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, Tensor)]
+            x: Any = split.stage_input(args, kwargs, forward=module.forward)
+            for stage in split.stages:
+                x = stage(x)
+    finally:
+        module.train(training)
     got = [t for t in pytree.tree_leaves(x) if isinstance(t, Tensor)]
-    if _mode_dependent(module) and module.training:
-        return  # random masks differ between the two runs
     if len(expected) != len(got) or not all(
         a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in zip(expected, got)
     ):

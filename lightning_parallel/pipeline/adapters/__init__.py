@@ -136,7 +136,8 @@ def resolve_adapter(
         from lightning_parallel.pipeline.adapters.traced import TracedAdapter
 
         traced_module = adapter.partition(":")[2] if isinstance(adapter, str) else ""
-        return TracedAdapter(traced_module or None, split_points=split_points or "auto", loss=loss or "cross_entropy")
+        return TracedAdapter(traced_module or None, split_points="auto" if split_points is None else split_points,
+                             loss=loss or "cross_entropy")
     if isinstance(adapter, str):
         return adapter_by_name(adapter)
     if blocks is not None:

@@ -13,8 +13,11 @@ package's schedules (:mod:`lightning_parallel.pipeline.traced` holds the splitti
   (:func:`~lightning_parallel.pipeline.traced.auto_split_points`).
 - ``inputs``: which parts of the batch are the positional arguments of ``forward``: positions of a tuple
   batch or keys of a mapping. Default: the first item (``batch[0]``, or ``input_ids``/``inputs``/``input``/``x``).
+- ``forward_kwargs``: constant keyword arguments of every call, e.g. ``{"use_cache": False}`` for a Hugging Face
+  model (whose cache object ``torch.export`` cannot return). They are fixed in the trace.
 - ``loss``: as for the sequential trunk: ``"cross_entropy"`` (default), ``"nll"``, ``"mse"`` against the batch's
   targets, or the dotted name of a criterion module or of a ``method(output, batch)`` of the LightningModule.
+  A built-in loss of a mapping output (a Hugging Face ``ModelOutput``) uses its ``logits``.
 - The trace happens when the strategy first asks for the blocks (after the module is on its device and the
   precision plugin converted it), on the first micro-batch of ``sample_batch()``; the micro-batch count and
   the number of stages are read off the module's Trainer strategy (``num_micro_batches`` or
@@ -26,13 +29,13 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_parallel.pipeline.adapters.base import PipelineAdapter, SampleBatch, resolve_attribute
-from lightning_parallel.pipeline.adapters.trunk import _INPUT_KEYS, batch_item, build_loss
+from lightning_parallel.pipeline.adapters.trunk import _INPUT_KEYS, _LOSSES, batch_item, build_loss
 from lightning_parallel.pipeline.micro_batches import split_micro_batches
 from lightning_parallel.pipeline.traced import TracedSplit, auto_split_points, split_traced
 
@@ -61,6 +64,7 @@ class TracedAdapter(PipelineAdapter):
             ...; ``"auto"`` (default) splits the longest ModuleList/Sequential evenly.
         inputs: positions (tuple batch) or keys (mapping batch) of ``forward``'s positional arguments; ``None``
             (default) is the first item.
+        forward_kwargs: constant keyword arguments of every ``forward`` call (fixed in the trace). Default none.
         loss: ``"cross_entropy"`` (default), ``"nll"``, ``"mse"``, or the dotted name of a criterion module or a
             ``method(output, batch)`` of the LightningModule.
     """
@@ -73,6 +77,7 @@ class TracedAdapter(PipelineAdapter):
         *,
         split_points: str | Sequence[str] = "auto",
         inputs: Sequence[int | str] | None = None,
+        forward_kwargs: dict[str, Any] | None = None,
         loss: str = "cross_entropy",
     ) -> None:
         if isinstance(split_points, str) and split_points != "auto":
@@ -84,6 +89,7 @@ class TracedAdapter(PipelineAdapter):
         self.module_name = module
         self.split_points: str | list[str] = split_points if isinstance(split_points, str) else list(split_points)
         self.inputs = None if inputs is None else list(inputs)
+        self.forward_kwargs = dict(forward_kwargs or {})
         self.loss_name = loss
         self._sample: SampleBatch | None = None
         self._split: TracedSplit | None = None
@@ -134,7 +140,8 @@ class TracedAdapter(PipelineAdapter):
         sample = split_micro_batches(self._sample(), micro)[0]
         if device is not None:
             sample = _batch_to(sample, device)
-        return split_traced(traced, self._forward_args(self.inputs, sample), split_points=points)
+        args = self._forward_args(self.inputs, sample)
+        return split_traced(traced, args, self.forward_kwargs, split_points=points)
 
     def pipeline_blocks(self, module: nn.Module) -> Sequence[nn.Module]:
         if self._split is None:
@@ -144,11 +151,14 @@ class TracedAdapter(PipelineAdapter):
     def pipeline_input(self, module: nn.Module, batch: Any) -> Tensor:
         if self._split is None or self._traced is None:
             raise RuntimeError("TracedAdapter: pipeline_blocks() must run before pipeline_input().")
-        return self._split.stage_input(self._forward_args(self.inputs, batch), {}, forward=self._traced.forward)
+        args = self._forward_args(self.inputs, batch)
+        return self._split.stage_input(args, self.forward_kwargs, forward=self._traced.forward)
 
     def pipeline_loss(self, module: nn.Module, output: Tensor, batch: Any) -> Tensor:
         if self._loss is None:
             raise RuntimeError("TracedAdapter.prepare was not called.")
+        if isinstance(output, Mapping) and self.loss_name in _LOSSES:
+            output = output["logits"] if "logits" in output else next(iter(output.values()))
         return self._loss(output, batch)
 
     def describe(self) -> str:
