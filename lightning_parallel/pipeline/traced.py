@@ -140,7 +140,7 @@ def auto_split_points(module: nn.Module, stages: int) -> list[str]:
     candidates = [
         (len(sub), sum(p.numel() for p in sub.parameters()), name)
         for name, sub in module.named_modules()
-        if name and isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) >= stages
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) >= stages
     ]
     if not candidates:
         lists = {n: len(m) for n, m in module.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
@@ -150,7 +150,8 @@ def auto_split_points(module: nn.Module, stages: int) -> list[str]:
             "split_points=['encoder.layers.2']."
         )
     length, _, name = max(candidates)
-    return [f"{name}.{(k * length) // stages}" for k in range(1, stages)]
+    prefix = f"{name}." if name else ""  # the module itself may be the list
+    return [f"{prefix}{(k * length) // stages}" for k in range(1, stages)]
 
 
 # ---------------------------------------------------------------------------------------------- errors
