@@ -20,6 +20,7 @@ class _Plain(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.lr = lr
+        self.save_hyperparameters()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -87,6 +88,7 @@ class HFCausalLM(pl.LightningModule):
     def __init__(self, family: str = "gpt2", vocab: int = 32, width: int = 16, layers: int = 4, lr: float = 0.01,
                  build_in_configure_model: bool = False) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.family, self.lr = family, lr
         self.config = hf_config(family, vocab, width, layers)
         self.build_in_configure_model = build_in_configure_model

@@ -8,8 +8,8 @@ into blocks without touching the user's class:
   ``embed_tokens``;
 - one block per decoder layer, called as the model calls it: the causal mask is rebuilt on every stage by
   ``transformers.masking_utils.create_causal_mask`` from the sequence length (``None`` for SDPA without
-  padding: ``is_causal``), positions are ``0..T-1``, and Llama's rotary ``(cos, sin)`` come from a private copy
-  of the model's ``rotary_emb`` on every stage (nothing of it is sent);
+  padding: ``is_causal``), positions are ``0..T-1``, and Llama's rotary ``(cos, sin)`` come from each layer's own rotary module,
+  built from the config (nothing of it is sent or saved);
 - the last block: the final norm (``ln_f`` / ``norm``) and ``lm_head``.
 
 Only one tensor travels between stages. A batch's padding ``attention_mask`` rides along as one extra
@@ -35,7 +35,6 @@ is used. It imports no Lightning.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import warnings
@@ -96,19 +95,33 @@ class Embedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer with its causal mask (and rotary tensors) rebuilt from the sequence length."""
+    """One decoder layer with its causal mask (and rotary tensors) rebuilt from the sequence length.
 
-    def __init__(self, layer: nn.Module, config: Any, width: int, rotary: nn.Module | None) -> None:
+    The rotary module (``type(model.rotary_emb)``) is this block's own, built from the config on the
+    activation's device at the first forward and held outside the block's tensors: nothing of it is shared
+    between stages, sent, saved or initialised from a checkpoint (its ``inv_freq`` is a function of the config).
+    """
+
+    def __init__(self, layer: nn.Module, config: Any, width: int, rotary: type[nn.Module] | None) -> None:
         super().__init__()
-        self.layer, self.rotary, self.width = layer, rotary, width
-        self.__dict__["config"] = config  # not a module: read only
+        self.layer, self.width = layer, width
+        self.__dict__["config"] = config  # read only, not a module
+        self.__dict__["rotary_type"] = rotary
+        self.__dict__["rotary"] = None
+
+    def _rotary(self, hidden: Tensor) -> nn.Module:
+        rotary: nn.Module | None = self.__dict__["rotary"]
+        if rotary is None or next(iter(rotary.buffers()), hidden).device != hidden.device:
+            rotary = self.__dict__["rotary_type"](self.config).to(hidden.device)
+            self.__dict__["rotary"] = rotary
+        return rotary  # type: ignore[return-value]
 
     def forward(self, x: Tensor) -> Tensor:
         hidden, mask = _split_hidden(x, self.width)
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
         options: dict[str, Any] = {"attention_mask": _causal_mask(self.config, hidden, mask, positions)}
-        if self.rotary is not None:
-            options.update(position_ids=positions, position_embeddings=self.rotary(hidden, positions))
+        if self.__dict__["rotary_type"] is not None:
+            options.update(position_ids=positions, position_embeddings=self._rotary(hidden)(hidden, positions))
         out = self.layer(hidden, **options)
         out = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
         return out if mask is None else pack_channels(out, mask)
@@ -183,11 +196,10 @@ class HFCausalLMAdapter(PipelineAdapter):
         elif model_type in LLAMA_LIKE and hasattr(model, "model") and head is not None:
             body = model.model
             width = int(config.hidden_size)
-            rotary = getattr(body, "rotary_emb", None)
+            rotary = type(body.rotary_emb)
             self._blocks = [
                 Embedding(body.embed_tokens, None, None),
-                # a private rotary module per layer: no buffer is shared between stages
-                *(DecoderLayer(layer, config, width, copy.deepcopy(rotary)) for layer in body.layers),
+                *(DecoderLayer(layer, config, width, rotary) for layer in body.layers),
                 LMHead(body.norm, head, width),
             ]
         else:
@@ -248,7 +260,7 @@ class HFCausalLMAdapter(PipelineAdapter):
         return self._files
 
     def pipeline_init_weights(self, module: nn.Module, index: int, block: nn.Module) -> None:
-        """Load block ``index``'s tensors from ``pretrained`` (only those), recompute rotary buffers."""
+        """Load block ``index``'s tensors from ``pretrained`` (only those)."""
         model = self._model
         if model is None or self.pretrained is None:
             raise RuntimeError(
@@ -263,13 +275,6 @@ class HFCausalLMAdapter(PipelineAdapter):
             aliases.setdefault(id(tensor), []).append(name)
         wanted: dict[str, list[Tensor]] = {}
         missing: list[str] = []
-        for sub in block.modules():
-            if isinstance(sub, DecoderLayer) and sub.rotary is not None:
-                device = next(iter(sub.rotary.buffers())).device
-                fresh = type(sub.rotary)(sub.config).to(device)
-                with torch.no_grad():
-                    for target, source in zip(sub.rotary.buffers(), fresh.buffers()):
-                        target.copy_(source)
         for tensor in [*block.parameters(), *block.buffers()]:
             names = aliases.get(id(tensor), [])
             found = next((n for n in names if n in files), None)
