@@ -173,7 +173,7 @@ def test_each_rank_reads_only_its_stages_tensors(quick: tuple[str, list[dict[str
     from safetensors import safe_open
 
     with safe_open(os.path.join(pretrained_dir, "model.safetensors"), framework="pt") as handle:
-        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        stored = set(handle.keys())
     results = [r["pretrained"] for r in quick[1]]
     for result in results:
         assert set(result["read"]) <= set(result["held"]) & set(stored)
