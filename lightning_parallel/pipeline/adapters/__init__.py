@@ -71,7 +71,9 @@ def check_adapter_options(
         raise TypeError(f"blocks={blocks!r} must be the dotted name of an nn.Sequential/nn.ModuleList, e.g. 'model.layers'.")
     for name, value in (("pre", pre), ("post", post)):
         names = [value] if isinstance(value, str) else value
-        if names is not None and not all(isinstance(n, str) and n for n in names):
+        if names is not None and (
+            not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names)
+        ):
             raise TypeError(f"{name}={value!r} must be a dotted name or a list of them, e.g. ['embed', 'drop'].")
     if loss is not None and (not isinstance(loss, str) or not loss):
         raise TypeError(f"loss={loss!r} must be a name such as 'cross_entropy' or one of the module's methods.")
