@@ -290,6 +290,7 @@ class TracedSplit:
     inputs: list[tuple[str, torch.dtype, tuple[int, ...]]]  # stage 0's packed placeholders: name, dtype, shape
     input_positions: list[int]  # where each packed placeholder sits among the flattened (args, kwargs)
     split_points: list[str]
+    sample_output: Tensor | None = None  # the module's first output tensor on the sample (e.g. logits)
 
     def stage_input(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, forward: Any) -> Tensor:
         """Pack the flattened ``(args, kwargs)`` of one micro-batch for stage 0, checking the traced shapes."""
@@ -480,7 +481,8 @@ def split_traced(
             )
         )
     positions = [placeholders.index(name) for name, _, _ in inputs]
-    split = TracedSplit(stages, inputs, positions, list(split_points))
+    first = next((t for t in out_leaves if isinstance(t, Tensor)), None)
+    split = TracedSplit(stages, inputs, positions, list(split_points), first)
     _check_against(split, module, args, kwargs)
     return split
 

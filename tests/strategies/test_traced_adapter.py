@@ -39,8 +39,9 @@ VOCAB = 32
 class PlainGPT(pl.LightningModule):
     """Our GPT's pieces as a user would assemble them: one nn.Sequential, no pipeline hooks."""
 
-    def __init__(self, layers: int = 4) -> None:
+    def __init__(self, layers: int = 4, sgd: bool = False) -> None:
         super().__init__()
+        self.sgd = sgd
         head = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, VOCAB))
         self.model = nn.Sequential(
             Embedding(VOCAB, SEQ, 16, 0.0), *(TransformerBlock(16, 2, 0.0) for _ in range(layers)), head
@@ -55,6 +56,8 @@ class PlainGPT(pl.LightningModule):
         return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
     def configure_optimizers(self) -> Any:
+        if self.sgd:  # Adam turns the rounding noise of zero gradients (attention key biases) into steps
+            return torch.optim.SGD(self.parameters(), lr=0.1)
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
@@ -63,6 +66,7 @@ class PlainHFGPT2(PlainGPT):
 
     def __init__(self, layers: int = 4) -> None:
         pl.LightningModule.__init__(self)
+        self.sgd = False
         import transformers
 
         config = transformers.GPT2Config(
@@ -255,3 +259,26 @@ def test_untraceable_module_fails_setup_naming_the_operation() -> None:
     data = TensorDataset(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
     with pytest.raises(TypeError, match=r"cannot trace Branchy: data-dependent control flow at .*in forward: `if h.mean\(\) > 0:`"):
         trainer.fit(Branchy(), DataLoader(data, batch_size=4))
+
+
+def test_interlocking_end_to_end_on_a_traced_split_equals_plain_training() -> None:
+    from lightning_parallel.strategies.interlocking import InterlockingBackpropStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    options: dict[str, Any] = {
+        "max_steps": STEPS, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0, "use_distributed_sampler": False,
+    }
+    data = DataLoader(lm_data(STEPS * GLOBAL_BATCH), batch_size=GLOBAL_BATCH)
+    torch.manual_seed(0)
+    model = PlainGPT(sgd=True)
+    strategy = InterlockingBackpropStrategy(k=2, stages=2, micro_batches=4, split_points="auto")
+    pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, **options).fit(model, data)
+    torch.manual_seed(0)
+    reference = PlainGPT(sgd=True)
+    pl.Trainer(accelerator="cpu", devices=1, **options).fit(reference, data)
+    trained = {k: v for k, v in model.state_dict().items() if not k.startswith("interlocking_heads.")}
+    assert trained.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert len(model.interlocking_heads) == 1  # the head of stage 0 reads the hidden state out of the packed output

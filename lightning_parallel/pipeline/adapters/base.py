@@ -37,7 +37,7 @@ ADAPTER_ATTRIBUTE = "_pipeline_adapter"
 """The instance attribute under which :func:`install_adapter` records the adapter of a module."""
 
 _HOOKS = ("pipeline_blocks", "pipeline_input", "pipeline_loss")
-_OPTIONAL_HOOKS = ("pipeline_metrics", "pipeline_init_weights")
+_OPTIONAL_HOOKS = ("pipeline_metrics", "pipeline_init_weights", "pipeline_aux_head")
 
 SampleBatch = Callable[[], Any]
 
@@ -81,6 +81,10 @@ class PipelineAdapter:
 
     def pipeline_init_weights(self, module: nn.Module, index: int, block: nn.Module) -> None:
         """Initialise block ``index`` built on the meta device (installed only when a subclass overrides this)."""
+        raise NotImplementedError
+
+    def pipeline_aux_head(self, module: nn.Module, stage_index: int, sample_output: Tensor) -> nn.Module | None:
+        """Interlocking backprop's auxiliary head of a stage (installed only when a subclass overrides this)."""
         raise NotImplementedError
 
     def describe(self) -> str:

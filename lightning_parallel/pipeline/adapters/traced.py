@@ -23,6 +23,9 @@ package's schedules (:mod:`lightning_parallel.pipeline.traced` holds the splitti
   the number of stages are read off the module's Trainer strategy (``num_micro_batches`` or
   ``micro_batches``, ``num_stages``). The trace is specialised on that micro-batch's shapes.
 - One block per stage: ``stages`` must equal ``len(split_points) + 1``.
+- Interlocking backprop: a stage's auxiliary head unpacks the stage's packed output, takes its largest
+  floating value (the hidden state) and applies the default head of
+  :func:`~lightning_parallel.interlocking.heads.default_aux_head` to it.
 
 This module imports no Lightning.
 """
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 from lightning_parallel.pipeline.adapters.base import PipelineAdapter, SampleBatch, resolve_attribute
 from lightning_parallel.pipeline.adapters.trunk import _INPUT_KEYS, _LOSSES, batch_item, build_loss
 from lightning_parallel.pipeline.micro_batches import split_micro_batches
-from lightning_parallel.pipeline.traced import TracedSplit, auto_split_points, split_traced
+from lightning_parallel.pipeline.traced import TracedSplit, auto_split_points, split_traced, unpack
 
 
 def _strategy_shape(module: nn.Module) -> tuple[int | None, int]:
@@ -52,6 +55,18 @@ def _batch_to(batch: Any, device: Any) -> Any:
     from torch.utils import _pytree as pytree
 
     return pytree.tree_map(lambda v: v.to(device) if isinstance(v, Tensor) else v, batch)
+
+
+class _UnpackedHead(nn.Module):
+    """An auxiliary head on one value of a packed stage output."""
+
+    def __init__(self, position: int, head: nn.Module) -> None:
+        super().__init__()
+        self.position = position
+        self.head = head
+
+    def forward(self, packed: Tensor) -> Tensor:
+        return self.head(unpack(packed)[self.position])  # type: ignore[no-any-return]
 
 
 class TracedAdapter(PipelineAdapter):
@@ -160,6 +175,15 @@ class TracedAdapter(PipelineAdapter):
         if isinstance(output, Mapping) and self.loss_name in _LOSSES:
             output = output["logits"] if "logits" in output else next(iter(output.values()))
         return self._loss(output, batch)
+
+    def pipeline_aux_head(self, module: nn.Module, stage_index: int, sample_output: Tensor) -> nn.Module | None:
+        from lightning_parallel.interlocking.heads import default_aux_head
+
+        if self._split is None or self._split.sample_output is None:
+            raise RuntimeError("TracedAdapter: pipeline_blocks() must run before pipeline_aux_head().")
+        values = unpack(sample_output)
+        position = max(range(len(values)), key=lambda i: (values[i].is_floating_point(), values[i].numel()))
+        return _UnpackedHead(position, default_aux_head(stage_index, values[position], self._split.sample_output))
 
     def describe(self) -> str:
         return f"TracedAdapter(module={self.module_name!r}, split_points={self.split_points!r}, loss={self.loss_name!r})"
