@@ -108,3 +108,18 @@ def test_meta_built_without_pretrained_is_refused() -> None:
     block: nn.Module = module.pipeline_blocks()[0]  # type: ignore[operator]
     with pytest.raises(RuntimeError, match="has no pretrained directory to load from"):
         module.pipeline_init_weights(0, block)  # type: ignore[operator]
+
+
+def test_tied_gpt2_across_stages_without_stage_local_names_the_way_out() -> None:
+    from lightning_parallel.pipeline.partition import stage_slices
+    from lightning_parallel.strategies._pipeline_steps import PipelineSteps
+    from lightning_parallel.strategies.set_aside import SetAsideGradients
+
+    module = adapted("gpt2")
+    steps = PipelineSteps(
+        module, SetAsideGradients(), micro_batches=2, replicas=1, device=torch.device("cpu"), timeout_s=1.0
+    )
+    steps.sizes = [3, 3]
+    with pytest.raises(ValueError, match=r"lm_head.weight is shared by stages 0 and 1.*stage_local=True"):
+        steps._check_blocks(stage_slices([3, 3]))
+    steps._check_blocks(stage_slices([3, 3]), allow_tied=True)  # what stage_local=True does
