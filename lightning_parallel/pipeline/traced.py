@@ -14,8 +14,8 @@ Design decisions:
   across a boundary (a skip connection, a mask, a later stage's use of an input such as the targets): every
   value produced at or before stage i and used after it is *live* at boundary i and is packed into one flat
   tensor (:func:`pack`). Floats are promoted to the widest floating dtype among them (exact), integers and
-  booleans travel as the bits of int64 words reinterpreted in that dtype (exact; they get no gradient),
-  and a small header of the same kind records each value's dtype and shape. The receiving stage unpacks
+  booleans travel as their own bytes reinterpreted as words of that dtype (exact; they get no gradient),
+  and a small header of int64 values carried the same way records each value's dtype and shape. The receiving stage unpacks
   by slicing, so autograd carries each float value's gradient back through the packed tensor.
 - The trace is specialised on the sample's shapes (``torch.export`` without dynamic shapes): a stage-0
   input of another shape is refused with the fix (equal micro-batches), never run on a graph that may not
@@ -72,15 +72,33 @@ _MACHINERY = (
 
 # ---------------------------------------------------------------------------------------------- packing
 def _words(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """int64 values as the bits of ``dtype`` words (8 / itemsize words per value)."""
-    return values.reshape(-1).to(torch.int64).contiguous().view(dtype)
+    """The bytes of ``values`` (any dtype) as ``dtype`` words, zero-padded to a whole word."""
+    raw = values.detach().reshape(-1).contiguous().view(torch.uint8)
+    pad = (-raw.numel()) % dtype.itemsize
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    return raw.view(dtype)
+
+
+def _word_count(numel: int, source: torch.dtype, dtype: torch.dtype) -> int:
+    return -(-numel * source.itemsize // dtype.itemsize)
+
+
+def _from_words(words: Tensor, source: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """Reverse :func:`_words` (a copy: the slice's offset need not suit ``source``'s alignment)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    raw = words.detach().clone().view(torch.uint8)[: numel * source.itemsize]
+    return raw.view(source).view(shape)
 
 
 def pack(tensors: Sequence[Tensor]) -> Tensor:
     """Flatten ``tensors`` into one 1-D floating tensor that :func:`unpack` reverses exactly.
 
     Floats are converted to the widest floating dtype among them (float32 when there are none); integers and
-    booleans are stored as int64 bits; a header (count, then dtype code, ndim and shape of each) leads.
+    booleans travel as their own bytes (a bool mask costs one byte per value); a header of int64 values (count,
+    then dtype code, ndim and shape of each) leads.
     """
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     dtype = functools.reduce(torch.promote_types, floats) if floats else torch.float32
@@ -90,17 +108,17 @@ def pack(tensors: Sequence[Tensor]) -> Tensor:
     device = tensors[0].device if tensors else None
     parts = [_words(torch.tensor(header, dtype=torch.int64, device=device), dtype)]
     for t in tensors:
-        parts.append(t.reshape(-1).to(dtype) if t.is_floating_point() else _words(t.detach(), dtype))
+        parts.append(t.reshape(-1).to(dtype) if t.is_floating_point() else _words(t, dtype))
     return torch.cat(parts)
 
 
 def _specs(packed: Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
     per = 8 // packed.element_size()
     words = packed.detach()
-    count = int(words[:per].view(torch.int64)[0])
-    # The header's length depends on the ndims: read it value by value (on the CPU, once per packed size).
+    count = int(_from_words(words[:per], torch.int64, (1,))[0])
+    # The header's length depends on the ndims: read at most 16 values per tensor (on the CPU, once per size).
     head = words[: per * (1 + 16 * max(count, 1))].cpu()
-    values = head[: (head.numel() // per) * per].view(torch.int64).tolist()
+    values = _from_words(head, torch.int64, (head.numel() // per,)).tolist()
     specs, at = [], 1
     for _ in range(count):
         code, ndim = values[at], values[at + 1]
@@ -112,8 +130,7 @@ def _specs(packed: Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
 def unpack(packed: Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]] | None = None) -> list[Tensor]:
     """The tensors :func:`pack` flattened into ``packed`` (floats keep their gradient path)."""
     specs = _specs(packed) if specs is None else specs
-    per = 8 // packed.element_size()
-    at = per * (1 + sum(2 + len(shape) for _, shape in specs))
+    at = _word_count(1 + sum(2 + len(shape) for _, shape in specs), torch.int64, packed.dtype)
     out = []
     for dtype, shape in specs:
         numel = 1
@@ -123,9 +140,9 @@ def unpack(packed: Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]] 
             out.append(packed[at : at + numel].view(shape).to(dtype))
             at += numel
         else:
-            words = packed[at : at + numel * per].detach().clone()  # offset 0: viewable as int64
-            out.append(words.view(torch.int64).to(dtype).view(shape))
-            at += numel * per
+            count = _word_count(numel, dtype, packed.dtype)
+            out.append(_from_words(packed[at : at + count], dtype, shape))
+            at += count
     return out
 
 

@@ -80,6 +80,10 @@ def test_pack_round_trip_is_exact_for_mixed_dtypes() -> None:
     back = unpack(packed)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(values, back))
     assert pack([torch.randn(2, dtype=torch.float64), torch.tensor([7])]).dtype == torch.float64
+    odd = [torch.randn(3, dtype=torch.bfloat16), torch.tensor([True, False, True]), torch.tensor([-(2**62)])]
+    assert all(torch.equal(a, b) for a, b in zip(odd, unpack(pack(odd))))  # bytes padded to whole bf16 words
+    mask = torch.ones(4, 1, 8, 8, dtype=torch.bool)
+    assert pack([mask]).numel() < mask.numel()  # a bool mask costs a byte per value, not a float
 
 
 def test_gradient_flows_through_pack_to_each_float_value() -> None:
