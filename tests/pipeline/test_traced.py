@@ -198,6 +198,7 @@ def test_bad_split_points_are_refused() -> None:
         auto_split_points(SkipNet(), 8)
 
 
+@pytest.mark.slow
 def test_hugging_face_gpt2_traces_untied_and_refuses_tied() -> None:
     transformers = pytest.importorskip("transformers")
     options = {"vocab_size": 64, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 4, "use_cache": False,
