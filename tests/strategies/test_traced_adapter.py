@@ -223,6 +223,11 @@ def test_adapter_traces_one_micro_batch_and_checks_the_stage_count() -> None:
     assert torch.allclose(out, module(x[:2]), atol=1e-6)
     loss = adapter.pipeline_loss(module, out, (x[:2], y[:2]))
     assert torch.allclose(loss, F.cross_entropy(module(x[:2]), y[:2]), atol=1e-6)
+    local = EncoderClassifier(vocab=VOCAB)
+    local_adapter = _adapter_for(local, 2, 1, (x, y))
+    local._trainer.strategy.stage_local = True  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"stage_local=True cannot be combined with a traced split"):
+        local_adapter.pipeline_blocks(local)
     other = EncoderClassifier(vocab=VOCAB)
     wrong = _adapter_for(other, 3, 1, (x, y), split_points=["encoder.layers.2"])
     with pytest.raises(ValueError, match=r"cut EncoderClassifier into 2 stages but the strategy has stages=3"):
@@ -281,3 +286,17 @@ def test_interlocking_end_to_end_on_a_traced_split_equals_plain_training() -> No
         assert torch.allclose(trained[key], value, rtol=0, atol=1e-5), (key, (trained[key] - value).abs().max())
     heads = model.interlocking_heads  # the head of stage 0 reads the hidden state out of the packed output
     assert isinstance(heads, nn.ModuleList) and len(heads) == 1
+
+
+def test_split_points_come_from_yaml() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=ChimeraStrategy)
+    config = parser.parse_string(
+        "strategy:\n  class_path: lightning_parallel.strategies.ChimeraStrategy\n"
+        "  init_args: {stages: 2, split_points: [encoder.layers.2], loss: nll}\n"
+    )
+    strategy = parser.instantiate_classes(config).strategy
+    assert isinstance(strategy, ChimeraStrategy)
+    assert (strategy.split_points, strategy.loss) == (["encoder.layers.2"], "nll")

@@ -44,8 +44,17 @@ from lightning_parallel.pipeline.traced import TracedSplit, auto_split_points, s
 
 
 def _strategy_shape(module: nn.Module) -> tuple[int | None, int]:
-    """(stages, micro-batches) of the Trainer strategy driving ``module`` (duck-typed: no Lightning import)."""
+    """(stages, micro-batches) of the Trainer strategy driving ``module`` (duck-typed: no Lightning import).
+
+    Raises:
+        ValueError: under ``stage_local=True`` (the trace needs the whole module on every rank).
+    """
     strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    if getattr(strategy, "stage_local", False):
+        raise ValueError(
+            "stage_local=True cannot be combined with a traced split (split_points= / adapter='traced'): the trace "
+            "needs the whole module on every rank. Use stage_local=False, or blocks= / adapter='hf'."
+        )
     stages = getattr(strategy, "num_stages", None)
     micro = getattr(strategy, "num_micro_batches", None) or getattr(strategy, "micro_batches", None) or 1
     return (int(stages) if stages is not None else None), int(micro)
