@@ -227,3 +227,25 @@ def test_every_model_and_schedule_matches_single_device(stages: int) -> None:
         for schedule in ("chimera", "1f1b"):
             for result in results:
                 assert_close(result[f"{model}-{schedule}-D{stages}"], expected)
+
+
+def _interlocking_world(rank: int, world: int) -> dict[str, list[float]]:
+    warnings.filterwarnings("ignore")
+    out = {}
+    for name in ("cnn", "llama"):
+        options = {k: v for k, v in MODELS[name][2].items() if k != "stage_local"}
+        strategy = InterlockingBackpropStrategy(k=2, stages=2, micro_batches=2, synchronous=True, **options)
+        trainer, recorder = _trainer(strategy, world)
+        trainer.fit(_model(name), DataLoader(MODELS[name][1](), batch_size=BATCH))
+        out[name] = recorder.losses
+    return out
+
+
+@pytest.mark.slow
+def test_interlocking_end_to_end_over_two_processes_matches_single_device() -> None:
+    pytest.importorskip("transformers")
+    results = run_distributed(_interlocking_world, 2, timeout=600.0)
+    for name in ("cnn", "llama"):
+        expected = reference_fit(name)[1]
+        for result in results:
+            assert_close(result[name], expected)
