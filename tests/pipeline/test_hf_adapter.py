@@ -134,3 +134,10 @@ def test_named_attribute_and_no_search_without_transformers(monkeypatch: pytest.
     assert find_hf_model(module) == "model"  # the outer LlamaForCausalLM, not its inner LlamaModel
     monkeypatch.delitem(__import__("sys").modules, "transformers")
     assert find_hf_model(module) is None  # never imported by the search itself
+
+
+def test_hf_layers_swapped_after_setup_are_the_ones_in_the_blocks() -> None:
+    module = adapted("llama")
+    replacement = nn.Linear(16, 32, bias=False)
+    module.model.lm_head = replacement
+    assert module.pipeline_blocks()[-1].head is replacement  # type: ignore[operator]
