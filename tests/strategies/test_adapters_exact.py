@@ -11,6 +11,7 @@ under Chimera and 1F1B with 2 and 4 stages.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -84,8 +85,10 @@ def pipeline_fit(name: str, schedule: str, stages: int, world: int, checkpoint_d
     return recorder.losses
 
 
+@functools.cache
 def reference_fit(name: str) -> tuple[pl.LightningModule, list[float]]:
-    """The user's module on one device, on the batches a shuffling DistributedSampler(seed=0) gives."""
+    """The user's module on one device, on the batches a shuffling DistributedSampler(seed=0) gives (once per
+    model: the tests only read it)."""
     data = MODELS[name][1]()
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
     model = _model(name)
