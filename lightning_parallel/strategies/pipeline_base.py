@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -238,6 +239,9 @@ class PipelineStrategy(DDPStrategy):
         from lightning_parallel.strategies.local_learning import LocalLearningStrategy
 
         install_adapter(module, adapter, sample_batch=lambda: LocalLearningStrategy._sample_batch(trainer))
+        rank_zero_info(
+            f"{type(self).__name__}: {adapter.describe()} supplies the pipeline protocol of {type(module).__name__}."
+        )
 
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.

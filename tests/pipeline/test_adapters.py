@@ -167,3 +167,13 @@ def test_pack_and_unpack_channels_round_trip() -> None:
     torch.testing.assert_close(back, hidden)
     assert torch.equal(carried.long(), mask) and not carried.requires_grad
     assert pack_channels(hidden) is hidden and unpack_channels(hidden, 0) == (hidden, [])
+
+
+def test_layers_swapped_after_setup_are_the_ones_in_the_blocks() -> None:
+    # The precision plugin converts the module after the adapter is installed (QAT replaces layers).
+    model = SequentialCNN()
+    adapt(model, blocks="net")
+    replacement = nn.Linear(32, 4)
+    model.net[6] = replacement
+    assert model.pipeline_blocks()[6] is replacement  # type: ignore[operator]
+    assert model.pipeline_blocks() is model.pipeline_blocks()  # type: ignore[operator]  # then kept

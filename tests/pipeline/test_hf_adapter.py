@@ -123,3 +123,21 @@ def test_tied_gpt2_across_stages_without_stage_local_names_the_way_out() -> None
     with pytest.raises(ValueError, match=r"lm_head.weight is shared by stages 0 and 1.*stage_local=True"):
         steps._check_blocks(stage_slices([3, 3]))
     steps._check_blocks(stage_slices([3, 3]), allow_tied=True)  # what stage_local=True does
+
+
+def test_named_attribute_and_no_search_without_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_parallel.pipeline.adapters import find_hf_model
+
+    module = HFCausalLM("llama")
+    adapter = resolve_adapter(module, adapter="hf:model")
+    assert isinstance(adapter, HFCausalLMAdapter) and adapter.attribute == "model"
+    assert find_hf_model(module) == "model"  # the outer LlamaForCausalLM, not its inner LlamaModel
+    monkeypatch.delitem(__import__("sys").modules, "transformers")
+    assert find_hf_model(module) is None  # never imported by the search itself
+
+
+def test_hf_layers_swapped_after_setup_are_the_ones_in_the_blocks() -> None:
+    module = adapted("llama")
+    replacement = nn.Linear(16, 32, bias=False)
+    module.model.lm_head = replacement
+    assert module.pipeline_blocks()[-1].head is replacement  # type: ignore[operator]

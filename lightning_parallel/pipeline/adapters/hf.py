@@ -174,10 +174,20 @@ class HFCausalLMAdapter(PipelineAdapter):
         """The file's tensor names this process has read (stage-by-stage loading)."""
         self._model: nn.Module | None = None
         self._blocks: list[nn.Module] = []
+        self._fresh = False
         self._files: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ the trunk
     def prepare(self, module: nn.Module, *, sample_batch: SampleBatch) -> None:
+        self._build_blocks(module)
+        self._fresh = False
+        model = self._model
+        if self.pretrained is not None and model is not None and not any(t.device.type == "meta" for t in model.parameters()):
+            # Built eagerly: the whole model exists on every rank anyway, so read the whole file once.
+            for index, block in enumerate(self._blocks):
+                self.pipeline_init_weights(module, index, block)
+
+    def _build_blocks(self, module: nn.Module) -> None:
         self.attribute, found = _find_model(module, self.attribute)
         model: Any = found  # a transformers model: its submodules are typed by transformers, not here
         config: Any = getattr(model, "config", None)
@@ -209,12 +219,12 @@ class HFCausalLMAdapter(PipelineAdapter):
                 "blocks='...' (a sequential trunk) or split it with adapter='traced'."
             )
         self._model, self.family = model, model_type
-        if self.pretrained is not None and not any(t.device.type == "meta" for t in model.parameters()):
-            # Built eagerly: the whole model exists on every rank anyway, so read the whole file once.
-            for index, block in enumerate(self._blocks):
-                self.pipeline_init_weights(module, index, block)
 
     def pipeline_blocks(self, module: nn.Module) -> Sequence[nn.Module]:
+        if not self._fresh:
+            # The precision plugin converts the module after prepare (QAT swaps layers): wrap them again now.
+            self._build_blocks(module)
+            self._fresh = True
         return self._blocks
 
     def pipeline_input(self, module: nn.Module, batch: Any) -> Tensor:

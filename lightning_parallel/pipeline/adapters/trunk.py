@@ -92,6 +92,10 @@ def build_loss(module: nn.Module, name: str) -> Callable[[Tensor, Any], Tensor]:
     raise ValueError(f"loss={name!r} is a {type(target).__name__}; name a built-in loss or a method.")
 
 
+def _no_batch() -> Any:
+    raise RuntimeError("SequentialTrunkAdapter needs no sample batch.")
+
+
 class SequentialTrunkAdapter(PipelineAdapter):
     """The pipeline protocol of a module whose trunk is a named ``nn.Sequential``/``nn.ModuleList``.
 
@@ -118,6 +122,7 @@ class SequentialTrunkAdapter(PipelineAdapter):
         self.post = [post] if isinstance(post, str) else list(post or [])
         self.loss_name = loss
         self._blocks: list[nn.Module] = []
+        self._fresh = False
         self._loss: Callable[[Tensor, Any], Tensor] | None = None
 
     def _step(self, module: nn.Module, dotted: str, argument: str) -> nn.Module:
@@ -131,6 +136,7 @@ class SequentialTrunkAdapter(PipelineAdapter):
         )
 
     def prepare(self, module: nn.Module, *, sample_batch: SampleBatch) -> None:
+        self._fresh = False  # resolved again at the first pipeline_blocks() call, see there
         trunk = resolve_attribute(module, self.trunk_name, argument="blocks")
         if not isinstance(trunk, (nn.Sequential, nn.ModuleList)):
             raise ValueError(
@@ -147,6 +153,10 @@ class SequentialTrunkAdapter(PipelineAdapter):
         self._loss = build_loss(module, self.loss_name)
 
     def pipeline_blocks(self, module: nn.Module) -> Sequence[nn.Module]:
+        if not self._fresh:
+            # The precision plugin converts the module after prepare (QAT swaps layers): name them again now.
+            self.prepare(module, sample_batch=_no_batch)
+            self._fresh = True
         return self._blocks
 
     def pipeline_input(self, module: nn.Module, batch: Any) -> Tensor:
