@@ -17,9 +17,12 @@ Design decisions:
   booleans travel as their own bytes reinterpreted as words of that dtype (exact; they get no gradient),
   and a small header of int64 values carried the same way records each value's dtype and shape. The receiving stage unpacks
   by slicing, so autograd carries each float value's gradient back through the packed tensor.
-- The trace is specialised on the sample's shapes (``torch.export`` without dynamic shapes): a stage-0
-  input of another shape is refused with the fix (equal micro-batches), never run on a graph that may not
-  fit it. The graph also fixes the train/eval behaviour of the sample's mode; a module with dropout or
+- Dimension 0 of every input is traced as dynamic (``torch.export`` with ``Dim.AUTO``: torch's own
+  ``pipeline()`` steps, ``annotate_split_points`` and ``Pipe._from_traced``, given ``dynamic_shapes``), so
+  micro-batches of any size >= 2 run (uneven micro-batches, a short last batch). Where export cannot keep it
+  dynamic, ``torch.distributed.pipelining.pipeline`` itself traces the sample's shapes. Every dimension the
+  trace fixed is checked on stage 0's input: another shape is refused with the fix, never run on a graph
+  that may not fit it. The graph also fixes the train/eval behaviour of the sample's mode; a module with dropout or
   batch norm is traced a second time in eval mode for validation and test.
 - A parameter used by two stages (tied weights): torch copies it into each stage (``Pipe.replicated_params``),
   so the copies would train apart. That is refused with the parameter's name and the stages; keep its users
@@ -93,55 +96,65 @@ def _from_words(words: Tensor, source: torch.dtype, shape: tuple[int, ...]) -> T
     return raw.view(source).view(shape)
 
 
-def pack(tensors: Sequence[Tensor]) -> Tensor:
-    """Flatten ``tensors`` into one 1-D floating tensor that :func:`unpack` reverses exactly.
+_INT = len(_CODES)  # the header's code of a Python int (a size a dynamic trace passes between stages)
+
+
+def pack(values: Sequence[Tensor | int]) -> Tensor:
+    """Flatten ``values`` into one 1-D floating tensor that :func:`unpack` reverses exactly.
 
     Floats are converted to the widest floating dtype among them (float32 when there are none); integers and
     booleans travel as their own bytes (a bool mask costs one byte per value); a header of int64 values (count,
     then dtype code, ndim and shape of each) leads.
     """
+    device = next((v.device for v in values if isinstance(v, Tensor)), None)
+    tensors = [v if isinstance(v, Tensor) else torch.tensor(int(v), device=device) for v in values]
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     dtype = functools.reduce(torch.promote_types, floats) if floats else torch.float32
     header = [len(tensors)]
-    for t in tensors:
-        header += [_CODES.index(t.dtype), t.dim(), *t.shape]
-    device = tensors[0].device if tensors else None
+    for v, t in zip(values, tensors):
+        header += [_CODES.index(t.dtype) if isinstance(v, Tensor) else _INT, t.dim(), *t.shape]
     parts = [_words(torch.tensor(header, dtype=torch.int64, device=device), dtype)]
     for t in tensors:
         parts.append(t.reshape(-1).to(dtype) if t.is_floating_point() else _words(t, dtype))
     return torch.cat(parts)
 
 
-def _specs(packed: Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+_Specs = Sequence[tuple["torch.dtype | None", tuple[int, ...]]]  # dtype (None: a Python int) and shape of each
+
+
+def _specs(packed: Tensor) -> list[tuple[torch.dtype | None, tuple[int, ...]]]:
     per = 8 // packed.element_size()
     words = packed.detach()
     count = int(_from_words(words[:per], torch.int64, (1,))[0])
     # The header's length depends on the ndims: read at most 16 values per tensor (on the CPU, once per size).
     head = words[: per * (1 + 16 * max(count, 1))].cpu()
     values = _from_words(head, torch.int64, (head.numel() // per,)).tolist()
-    specs, at = [], 1
+    specs: list[tuple[torch.dtype | None, tuple[int, ...]]] = []
+    at = 1
     for _ in range(count):
         code, ndim = values[at], values[at + 1]
-        specs.append((_CODES[code], tuple(values[at + 2 : at + 2 + ndim])))
+        specs.append((None if code == _INT else _CODES[code], tuple(values[at + 2 : at + 2 + ndim])))
         at += 2 + ndim
     return specs
 
 
-def unpack(packed: Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]] | None = None) -> list[Tensor]:
-    """The tensors :func:`pack` flattened into ``packed`` (floats keep their gradient path)."""
+def unpack(packed: Tensor, specs: _Specs | None = None) -> list[Any]:
+    """The values :func:`pack` flattened into ``packed`` (floats keep their gradient path)."""
     specs = _specs(packed) if specs is None else specs
     at = _word_count(1 + sum(2 + len(shape) for _, shape in specs), torch.int64, packed.dtype)
-    out = []
+    out: list[Any] = []
     for dtype, shape in specs:
         numel = 1
         for size in shape:
             numel *= size
-        if dtype.is_floating_point:
+        if dtype is not None and dtype.is_floating_point:
             out.append(packed[at : at + numel].view(shape).to(dtype))
             at += numel
         else:
-            count = _word_count(numel, dtype, packed.dtype)
-            out.append(_from_words(packed[at : at + count], dtype, shape))
+            source = torch.int64 if dtype is None else dtype
+            count = _word_count(numel, source, packed.dtype)
+            value = _from_words(packed[at : at + count], source, shape)
+            out.append(int(value) if dtype is None else value)
             at += count
     return out
 
@@ -248,7 +261,7 @@ class TracedStage(nn.Module):
         self.__dict__["eval_graph"] = eval_graph  # shares the parameters; not a second registration
         self.call = call
         self.live_in, self.live_out, self.outputs, self.output_spec = live_in, live_out, outputs, output_spec
-        self._specs: dict[int, list[tuple[torch.dtype, tuple[int, ...]]]] = {}
+        self._specs: dict[int, list[tuple[torch.dtype | None, tuple[int, ...]]]] = {}
 
     def forward(self, packed: Tensor) -> Any:
         specs = self._specs.get(packed.numel())
@@ -304,7 +317,9 @@ class TracedSplit:
     """The stages of a traced module and how its inputs enter stage 0."""
 
     stages: list[TracedStage]
-    inputs: list[tuple[str, torch.dtype, tuple[int, ...]]]  # stage 0's packed placeholders: name, dtype, shape
+    inputs: list[tuple[str, torch.dtype, tuple[int | None, ...]]]  # stage 0's placeholders: name, dtype, shape
+    # (``None``: a dimension the trace kept dynamic; a micro-batch of 0 or 1 examples is still refused there,
+    # since torch.export assumes such sizes are >= 2)
     input_positions: list[int]  # where each packed placeholder sits among the flattened (args, kwargs)
     split_points: list[str]
     sample_output: Tensor | None = None  # the module's first output tensor on the sample (e.g. logits)
@@ -315,16 +330,21 @@ class TracedSplit:
         values = []
         for (name, dtype, shape), position in zip(self.inputs, self.input_positions):
             value = leaves[position]
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+            if not isinstance(value, Tensor) or value.dtype != dtype or not _fits(tuple(value.shape), shape):
                 got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
-                    f"The traced pipeline was traced with input {name!r} of shape {shape} {dtype}; this micro-batch "
-                    f"gives {got}. The trace is specialised on the sample's shapes: make every micro-batch the same "
-                    "size (a batch size that is a multiple of micro_batches, drop_last=True on the dataloaders) "
-                    "and every sequence the same length."
+                    f"The traced pipeline was traced with input {name!r} of shape {shape} {dtype} (None: any size "
+                    f"of at least 2); this micro-batch gives {got}. The trace is specialised on the sample's other "
+                    "dimensions (and on its batch size where torch.export could not keep it dynamic): keep every "
+                    "sequence the same length and at least 2 examples per micro-batch, or, for a fixed batch size, "
+                    "a batch size that is a multiple of micro_batches and drop_last=True on the dataloaders."
                 )
             values.append(value)
         return pack(values)
+
+
+def _fits(shape: tuple[int, ...], traced: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(traced) and all(t == s if t is not None else s >= 2 for s, t in zip(shape, traced))
 
 
 def _flat_inputs(forward: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
@@ -348,8 +368,26 @@ def _restore_forwards(module: nn.Module, names: Sequence[str]) -> None:
         sub.__dict__.pop("_orig_forward", None)
 
 
+def _batch_dynamic(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``dynamic_shapes`` for ``torch.export``: dimension 0 of every tensor input may vary (``Dim.AUTO``: torch
+    keeps it symbolic where the model allows, else specialises it)."""
+    from torch.export import Dim
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(module.forward).parameters.values()):
+        raise TypeError("variadic forward")
+    return {
+        name: pytree.tree_map(lambda v: {0: Dim.AUTO} if isinstance(v, Tensor) and v.dim() > 0 else None, value)
+        for name, value in bound.arguments.items()
+    }
+
+
 def _trace(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], split_points: Sequence[str]) -> Any:
+    """The ``Pipe`` of ``module`` cut before ``split_points``: traced with a dynamic batch dimension when
+    ``torch.export`` allows it (``pipeline()``'s own steps, with ``dynamic_shapes``), else by
+    ``torch.distributed.pipelining.pipeline`` itself (shapes of the sample)."""
     from torch.distributed.pipelining import SplitPoint, pipeline
+    from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
 
     for name in split_points:
         try:
@@ -358,8 +396,17 @@ def _trace(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spl
             raise ValueError(
                 f"split_points={list(split_points)!r}: {type(module).__name__} has no submodule {name!r} ({err})."
             ) from None
+    spec = {name: SplitPoint.BEGINNING for name in split_points}
     try:
-        return pipeline(module, args, kwargs, split_spec={name: SplitPoint.BEGINNING for name in split_points})
+        annotate_split_points(module, spec)
+        exported = torch.export.export(module, args, kwargs, dynamic_shapes=_batch_dynamic(module, args, kwargs))
+        return Pipe._from_traced(module, exported, MultiUseParameterConfig.REPLICATE)
+    except Exception:  # retried below without dynamic shapes; that error is the one reported
+        pass
+    finally:
+        _restore_forwards(module, split_points)
+    try:
+        return pipeline(module, args, kwargs, split_spec=spec)
     except Exception as err:  # torch.export raises many kinds; all mean "not traceable"
         raise TypeError(untraceable_message(module, err)) from err
     finally:
@@ -479,12 +526,12 @@ def split_traced(
         for b in range(-1, len(calls) - 1)
     ]
     metas = {n.name: n.meta.get("val") for n in split_gm.graph.nodes if n.op == "placeholder"}
-    inputs = []
+    inputs: list[tuple[str, torch.dtype, tuple[int | None, ...]]] = []
     for name in live[0]:
         value = metas.get(name)
         if not isinstance(value, Tensor):
             raise TypeError(f"Input {name!r} of the traced module is a {type(value).__name__}; stage inputs must be tensors.")
-        inputs.append((name, value.dtype, tuple(int(s) for s in value.shape)))
+        inputs.append((name, value.dtype, tuple(s if isinstance(s, int) else None for s in value.shape)))
     stages = []
     for index, call in enumerate(calls):
         eval_graph = None

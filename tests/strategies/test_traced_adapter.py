@@ -300,3 +300,26 @@ def test_split_points_come_from_yaml() -> None:
     strategy = parser.instantiate_classes(config).strategy
     assert isinstance(strategy, ChimeraStrategy)
     assert (strategy.split_points, strategy.loss) == (["encoder.layers.2"], "nll")
+
+
+def test_uneven_micro_batches_and_a_short_last_batch_match_plain_training() -> None:
+    # 84 examples in batches of 32: micro-batches (11, 11, 10) and, for the last batch of 20, (7, 7, 6); the
+    # trace saw 11 examples and kept the batch dimension dynamic.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    options: dict[str, Any] = {
+        "max_steps": 3, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0,
+    }
+    data = token_data(84, vocab=VOCAB)
+    losses = []
+    for strategy in (ChimeraStrategy(1, 3, schedule="gpipe", split_points=[]), "auto"):
+        torch.manual_seed(0)
+        recorder = LossRecorder()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, callbacks=[recorder], **options)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(data, batch_size=32) if strategy != "auto" else DataLoader(data, batch_size=32, sampler=order)
+        trainer.fit(EncoderClassifier(vocab=VOCAB), loader)
+        losses.append(recorder.losses)
+    assert len(losses[0]) == 3
+    for a, e in zip(*losses):
+        assert math.isclose(a, e, rel_tol=1e-5), losses
