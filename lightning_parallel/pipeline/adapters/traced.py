@@ -191,7 +191,8 @@ class TracedAdapter(PipelineAdapter):
         if self._split is None or self._split.sample_output is None:
             raise RuntimeError("TracedAdapter: pipeline_blocks() must run before pipeline_aux_head().")
         values = unpack(sample_output)
-        position = max(range(len(values)), key=lambda i: (values[i].is_floating_point(), values[i].numel()))
+        tensors = [i for i, v in enumerate(values) if isinstance(v, Tensor)]  # (sizes travel as ints too)
+        position = max(tensors, key=lambda i: (values[i].is_floating_point(), values[i].numel()))
         return _UnpackedHead(position, default_aux_head(stage_index, values[position], self._split.sample_output))
 
     def describe(self) -> str:
