@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import inspect
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -401,12 +402,20 @@ def _trace(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spl
         annotate_split_points(module, spec)
         exported = torch.export.export(module, args, kwargs, dynamic_shapes=_batch_dynamic(module, args, kwargs))
         return Pipe._from_traced(module, exported, MultiUseParameterConfig.REPLICATE)
-    except Exception:  # retried below without dynamic shapes; that error is the one reported
-        pass
+    except Exception as err:  # retried below without dynamic shapes; that error is the one reported
+        dynamic_error = err
     finally:
         _restore_forwards(module, split_points)
     try:
-        return pipeline(module, args, kwargs, split_spec=spec)
+        pipe = pipeline(module, args, kwargs, split_spec=spec)
+        sizes = sorted({int(v.shape[0]) for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor) and v.dim()})
+        warnings.warn(
+            f"torch.export could not keep the batch dimension of {type(module).__name__} dynamic "
+            f"({type(dynamic_error).__name__}: {(str(dynamic_error).strip().splitlines() or [''])[0][:200]}); it is "
+            f"traced for micro-batches of {sizes} examples only: use equal micro-batches and drop_last=True.",
+            stacklevel=3,
+        )
+        return pipe
     except Exception as err:  # torch.export raises many kinds; all mean "not traceable"
         raise TypeError(untraceable_message(module, err)) from err
     finally:

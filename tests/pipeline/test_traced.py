@@ -212,7 +212,8 @@ def test_hugging_face_gpt2_traces_untied_and_refuses_tied() -> None:
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(tie_word_embeddings=False, **options))
     x = torch.randint(0, 64, (2, 16))
-    split = split_traced(model, (x,), split_points=auto_split_points(model, 2))
+    with pytest.warns(UserWarning, match=r"could not keep the batch dimension of GPT2LMHeadModel dynamic.*\[2\] examples"):
+        split = split_traced(model, (x,), split_points=auto_split_points(model, 2))
     assert split.inputs[0][2] == (2, 16)  # torch.export cannot keep GPT-2's batch dynamic: pipeline() traced it
     out, _ = _run(split, model, (x,), {})
     assert torch.allclose(out.logits, model(x).logits, atol=1e-6)
