@@ -141,3 +141,20 @@ def test_hf_layers_swapped_after_setup_are_the_ones_in_the_blocks() -> None:
     replacement = nn.Linear(16, 32, bias=False)
     module.model.lm_head = replacement
     assert module.pipeline_blocks()[-1].head is replacement  # type: ignore[operator]
+
+
+def test_meta_built_gpt2_last_stage_loads_the_tied_head_from_the_embedding(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    saved = HFCausalLM("gpt2")
+    saved.model.save_pretrained(str(tmp_path))  # lm_head.weight is not stored: it is wte
+    with torch.device("meta"):
+        module = HFCausalLM("gpt2")
+    adapter = HFCausalLMAdapter(pretrained=str(tmp_path))
+    install_adapter(module, adapter, sample_batch=lambda: None)
+    blocks = list(module.pipeline_blocks())  # type: ignore[operator]
+    materialize_blocks(module, blocks, [len(blocks) - 1], device="cpu")  # the last stage: ln_f + lm_head
+    assert sorted(adapter.read_names) == sorted(
+        ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    )  # wte once (the embedding block runs too, for the tie), wpe with it
+    torch.testing.assert_close(module.model.lm_head.weight, saved.model.transformer.wte.weight, rtol=0, atol=0)
+    assert module.model.transformer.wpe.weight.device.type == "meta"  # freed again: not held

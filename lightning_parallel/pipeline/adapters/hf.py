@@ -26,8 +26,10 @@ strategies accept with ``stage_local=True`` (each stage keeps its copy, their gr
 
 ``pretrained=DIR`` (a ``save_pretrained`` directory, safetensors): with the module built on the meta device
 (``configure_model`` under ``stage_local=True``) every rank reads, through ``safetensors.safe_open``, only
-the tensors of the blocks it materialises (:attr:`HFCausalLMAdapter.read_names` lists them); an eagerly built
-module reads the whole file once in ``setup``.
+the tensors of the blocks it materialises (:attr:`HFCausalLMAdapter.read_names` lists them), each once. A tied
+tensor makes the stage-local materialisation initialise its other block too, so that block is read whole
+(GPT-2's last stage also reads ``wpe`` with ``wte``); an eagerly built module reads the whole file once in
+``setup``.
 
 ``transformers`` and ``safetensors`` are imported here only; this module is imported only when the adapter
 is used. It imports no Lightning.
@@ -175,12 +177,14 @@ class HFCausalLMAdapter(PipelineAdapter):
         self._model: nn.Module | None = None
         self._blocks: list[nn.Module] = []
         self._fresh = False
+        self._written: set[int] = set()
         self._files: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ the trunk
     def prepare(self, module: nn.Module, *, sample_batch: SampleBatch) -> None:
         self._build_blocks(module)
         self._fresh = False
+        self._written = set()
         model = self._model
         if self.pretrained is not None and model is not None and not any(t.device.type == "meta" for t in model.parameters()):
             # Built eagerly: the whole model exists on every rank anyway, so read the whole file once.
@@ -286,6 +290,8 @@ class HFCausalLMAdapter(PipelineAdapter):
         wanted: dict[str, list[Tensor]] = {}
         missing: list[str] = []
         for tensor in [*block.parameters(), *block.buffers()]:
+            if id(tensor) in self._written:
+                continue  # a tied tensor another block of this rank has loaded already
             names = aliases.get(id(tensor), [])
             found = next((n for n in names if n in files), None)
             if found is not None:
@@ -309,3 +315,4 @@ class HFCausalLMAdapter(PipelineAdapter):
                         self.read_names.append(name)
                         for tensor in wanted[name]:
                             tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+                            self._written.add(id(tensor))
