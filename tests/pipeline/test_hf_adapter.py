@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_parallel.pipeline.adapters import install_adapter, resolve_adapter
 from lightning_parallel.pipeline.protocol import run_blocks
-from lightning_parallel.pipeline.stage_local import materialize_blocks
+from lightning_parallel.pipeline.stage_local import free_blocks, materialize_blocks
 from tests.helpers.client_models import HFCausalLM, SequentialCNN
 
 transformers = pytest.importorskip("transformers")
@@ -101,13 +101,27 @@ def test_meta_built_blocks_read_only_their_tensors(tmp_path: Path) -> None:
         torch.testing.assert_close(tensor, saved.model.state_dict()[name], rtol=0, atol=0)
 
 
-def test_meta_built_without_pretrained_is_refused() -> None:
-    with torch.device("meta"):
-        module = HFCausalLM("llama")
-    install_adapter(module, HFCausalLMAdapter(), sample_batch=lambda: None)
-    block: nn.Module = module.pipeline_blocks()[0]  # type: ignore[operator]
-    with pytest.raises(RuntimeError, match="has no pretrained directory to load from"):
-        module.pipeline_init_weights(0, block)  # type: ignore[operator]
+def test_meta_built_without_pretrained_gets_the_same_weights_under_every_layout() -> None:
+    def build(held: list[list[int]]) -> dict[str, torch.Tensor]:
+        with torch.device("meta"):
+            module = HFCausalLM("gpt2")
+        module.init_seed = 11
+        install_adapter(module, HFCausalLMAdapter(), sample_batch=lambda: None)
+        blocks = list(module.pipeline_blocks())  # type: ignore[operator]
+        values: dict[str, torch.Tensor] = {}
+        for stage in held:  # each "rank" materialises its own blocks, then keeps their values
+            materialize_blocks(module, blocks, stage, device="cpu")
+            values.update({n: t.clone() for n, t in module.model.state_dict().items() if t.device.type != "meta"})
+            free_blocks(blocks, [])  # the next "rank" starts from meta again
+        return values
+
+    one = build([[0, 1, 2, 3, 4, 5]])
+    split = build([[3, 4, 5], [0, 1, 2]])
+    assert set(one) == set(split) and len(one) == len(HFCausalLM("gpt2").model.state_dict())
+    for name in one:
+        torch.testing.assert_close(one[name], split[name], rtol=0, atol=0)
+    assert 0.015 < float(one["transformer.wte.weight"].std()) < 0.025  # GPT-2's own init: normal(0, initializer_range=0.02)
+    torch.testing.assert_close(one["transformer.h.0.ln_1.weight"], torch.ones(16))
 
 
 def test_tied_gpt2_across_stages_without_stage_local_names_the_way_out() -> None:
@@ -141,3 +155,20 @@ def test_hf_layers_swapped_after_setup_are_the_ones_in_the_blocks() -> None:
     replacement = nn.Linear(16, 32, bias=False)
     module.model.lm_head = replacement
     assert module.pipeline_blocks()[-1].head is replacement  # type: ignore[operator]
+
+
+def test_meta_built_gpt2_last_stage_loads_the_tied_head_from_the_embedding(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    saved = HFCausalLM("gpt2")
+    saved.model.save_pretrained(str(tmp_path))  # lm_head.weight is not stored: it is wte
+    with torch.device("meta"):
+        module = HFCausalLM("gpt2")
+    adapter = HFCausalLMAdapter(pretrained=str(tmp_path))
+    install_adapter(module, adapter, sample_batch=lambda: None)
+    blocks = list(module.pipeline_blocks())  # type: ignore[operator]
+    materialize_blocks(module, blocks, [len(blocks) - 1], device="cpu")  # the last stage: ln_f + lm_head
+    assert sorted(adapter.read_names) == sorted(
+        ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    )  # wte once (the embedding block runs too, for the tie), wpe with it
+    torch.testing.assert_close(module.model.lm_head.weight, saved.model.transformer.wte.weight, rtol=0, atol=0)
+    assert module.model.transformer.wpe.weight.device.type == "meta"  # freed again: not held

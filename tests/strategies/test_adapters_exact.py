@@ -252,3 +252,43 @@ def test_interlocking_end_to_end_over_two_processes_matches_single_device() -> N
         expected = reference_fit(name)[1]
         for result in results:
             assert_close(result[name], expected)
+
+
+def _meta_gpt2(init_seed: int) -> HFCausalLM:
+    model = HFCausalLM("gpt2", build_in_configure_model=True)
+    model.init_seed = init_seed  # type: ignore[assignment]
+    return model
+
+
+def _meta_world(rank: int, world: int) -> dict[str, list[float]]:
+    warnings.filterwarnings("ignore")
+    out = {}
+    for schedule in ("1f1b", "chimera"):
+        trainer, recorder = _trainer(ChimeraStrategy(2, 2, schedule=schedule, stage_local=True), world)
+        trainer.fit(_meta_gpt2(5), DataLoader(lm_data("gpt2", SIZE), batch_size=BATCH))
+        out[schedule] = recorder.losses
+    return out
+
+
+@pytest.mark.slow
+def test_meta_built_gpt2_without_pretrained_matches_one_device_from_the_same_init() -> None:
+    """Built on meta in configure_model, each rank initialises its blocks (tied wte included) by block index."""
+    pytest.importorskip("transformers")
+    from lightning_parallel.pipeline.adapters import install_adapter
+    from lightning_parallel.pipeline.adapters.hf import HFCausalLMAdapter
+    from lightning_parallel.pipeline.stage_local import materialize_blocks
+
+    results = run_distributed(_meta_world, 2, timeout=600.0)
+    reference = _meta_gpt2(5)
+    with torch.device("meta"):
+        reference.configure_model()
+    install_adapter(reference, HFCausalLMAdapter(), sample_batch=lambda: None)
+    blocks = list(reference.pipeline_blocks())  # type: ignore[operator]
+    materialize_blocks(reference, blocks, range(len(blocks)), device="cpu")  # the whole model, same values
+    data = lm_data("gpt2", SIZE)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    trainer, recorder = _trainer("auto", 1)
+    trainer.fit(reference, DataLoader(data, batch_size=BATCH, sampler=order))
+    for result in results:
+        for schedule in ("1f1b", "chimera"):
+            assert_close(result[schedule], recorder.losses)

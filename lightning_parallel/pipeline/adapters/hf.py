@@ -26,8 +26,12 @@ strategies accept with ``stage_local=True`` (each stage keeps its copy, their gr
 
 ``pretrained=DIR`` (a ``save_pretrained`` directory, safetensors): with the module built on the meta device
 (``configure_model`` under ``stage_local=True``) every rank reads, through ``safetensors.safe_open``, only
-the tensors of the blocks it materialises (:attr:`HFCausalLMAdapter.read_names` lists them); an eagerly built
-module reads the whole file once in ``setup``.
+the tensors of the blocks it materialises (:attr:`HFCausalLMAdapter.read_names` lists them), each once.
+Without ``pretrained``, a meta-built block is initialised by the model's own ``_init_weights`` from a stream
+seeded by ``(init_seed, block index)``: the same weights under every layout (not an eager build's). A tied
+tensor makes the stage-local materialisation initialise its other block too, so that block is read whole
+(GPT-2's last stage also reads ``wpe`` with ``wte``); an eagerly built module reads the whole file once in
+``setup``.
 
 ``transformers`` and ``safetensors`` are imported here only; this module is imported only when the adapter
 is used. It imports no Lightning.
@@ -175,12 +179,17 @@ class HFCausalLMAdapter(PipelineAdapter):
         self._model: nn.Module | None = None
         self._blocks: list[nn.Module] = []
         self._fresh = False
+        self._written: set[int] = set()
         self._files: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ the trunk
     def prepare(self, module: nn.Module, *, sample_batch: SampleBatch) -> None:
         self._build_blocks(module)
         self._fresh = False
+        self._written = set()
+        if self.pretrained is None and not isinstance(getattr(module, "init_seed", None), int):
+            # the seed of meta-built blocks' initial weights; the strategy broadcasts it from rank 0
+            module.__dict__["init_seed"] = int(torch.initial_seed() % (2**31 - 1))  # draws nothing
         model = self._model
         if self.pretrained is not None and model is not None and not any(t.device.type == "meta" for t in model.parameters()):
             # Built eagerly: the whole model exists on every rank anyway, so read the whole file once.
@@ -270,13 +279,15 @@ class HFCausalLMAdapter(PipelineAdapter):
         return self._files
 
     def pipeline_init_weights(self, module: nn.Module, index: int, block: nn.Module) -> None:
-        """Load block ``index``'s tensors from ``pretrained`` (only those)."""
+        """Load block ``index``'s tensors from ``pretrained`` (only those); without it, initialise the block with
+        the model's own ``_init_weights`` from a random stream seeded by ``(module.init_seed, index)`` alone, so
+        the weights do not depend on the layout (they differ from an eager build's, which draws in module order)."""
         model = self._model
-        if model is None or self.pretrained is None:
-            raise RuntimeError(
-                "HFCausalLMAdapter has no pretrained directory to load from; build the model eagerly, or pass "
-                "HFCausalLMAdapter(pretrained=DIR)."
-            )
+        if model is None:
+            raise RuntimeError("HFCausalLMAdapter.prepare was not called.")
+        if self.pretrained is None:
+            self._random_init(module, model, index, block)
+            return
         from safetensors import safe_open
 
         files = self._file_of_names()
@@ -286,6 +297,8 @@ class HFCausalLMAdapter(PipelineAdapter):
         wanted: dict[str, list[Tensor]] = {}
         missing: list[str] = []
         for tensor in [*block.parameters(), *block.buffers()]:
+            if id(tensor) in self._written:
+                continue  # a tied tensor another block of this rank has loaded already
             names = aliases.get(id(tensor), [])
             found = next((n for n in names if n in files), None)
             if found is not None:
@@ -309,3 +322,13 @@ class HFCausalLMAdapter(PipelineAdapter):
                         self.read_names.append(name)
                         for tensor in wanted[name]:
                             tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+                            self._written.add(id(tensor))
+
+    @staticmethod
+    def _random_init(module: nn.Module, model: Any, index: int, block: nn.Module) -> None:
+        seed = (int(getattr(module, "init_seed", 0)) * 1_000_003 + 7_919 * (index + 1)) % (2**31 - 1)
+        devices = [t.device for t in block.parameters() if t.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            for sub in block.modules():
+                model._init_weights(sub)
