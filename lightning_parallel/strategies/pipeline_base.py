@@ -66,10 +66,17 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.pipeline.adapters import (
+    PipelineAdapter,
+    check_adapter_options,
+    install_adapter,
+    resolve_adapter,
+)
 from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
 from lightning_parallel.pipeline.stage_local import has_meta_tensors
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
@@ -94,6 +101,20 @@ class PipelineStrategy(DDPStrategy):
             ``configure_model`` (which then runs on the meta device), off for a module built eagerly.
         save_distributed_checkpoint: write sharded checkpoint directories; ``None`` (default) means
             stage-local weights are on. A stage-local run needs True.
+        adapter: supplies the pipeline protocol for a module without its hooks
+            (:mod:`lightning_parallel.pipeline.adapters`): ``"hf"`` (a Hugging Face causal LM found in the module),
+            ``"hf:ATTRIBUTE"``, another registered name, or a ``PipelineAdapter``. Default ``None``: the module's
+            own hooks, else a Hugging Face model if the module holds one.
+        blocks: dotted name of the module's ``nn.Sequential``/``nn.ModuleList`` trunk, e.g. ``"model.layers"``
+            (the sequential-trunk adapter). Default ``None``.
+        pre: with ``blocks``: dotted name(s) of modules or methods applied before the trunk. Default ``None``.
+        post: with ``blocks``: dotted name(s) applied after the trunk (e.g. ``["norm", "head"]``). Default ``None``.
+        loss: with ``blocks``: ``"cross_entropy"`` (the default), ``"nll"``, ``"mse"``, or the dotted name of a
+            criterion module or a ``method(output, batch)`` of the module.
+        split_points: split the module by tracing (``torch.distributed.pipelining.pipeline``; the ``"traced"``
+            adapter): dotted names of the submodules that start stages 1, 2, ... (``stages - 1`` of them), or
+            ``"auto"`` (an even split of the longest ``nn.ModuleList``). ``loss`` applies as with ``blocks``.
+            Default ``None``.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
@@ -116,8 +137,17 @@ class PipelineStrategy(DDPStrategy):
         start_method: StartMethod = "popen",
         stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
+        adapter: str | PipelineAdapter | None = None,
+        blocks: str | None = None,
+        pre: str | list[str] | None = None,
+        post: str | list[str] | None = None,
+        loss: str | None = None,
+        split_points: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_adapter_options(adapter=adapter, blocks=blocks, pre=pre, post=post, loss=loss, split_points=split_points)
+        self.split_points = split_points
+        self.adapter, self.blocks, self.pre, self.post, self.loss = adapter, blocks, pre, post, loss
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
         super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
@@ -242,6 +272,7 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None:
             raise RuntimeError(f"{name}.setup called without a LightningModule.")
+        self._install_adapter(trainer, module)
         check_pipeline_protocol(module, who=name)
         if not module.automatic_optimization:
             raise ValueError(
@@ -344,6 +375,20 @@ class PipelineStrategy(DDPStrategy):
         self._check_stage_local(meta_built, self._requested_sharded)
         if self._requested_sharded is None:
             self.save_distributed_checkpoint = meta_built
+    def _install_adapter(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Give ``module`` the pipeline protocol through an adapter when it lacks the hooks (or was given one)."""
+        adapter = resolve_adapter(
+            module, adapter=self.adapter, blocks=self.blocks, pre=self.pre, post=self.post, loss=self.loss,
+            split_points=self.split_points,
+        )
+        if adapter is None:
+            return
+        from lightning_parallel.strategies.local_learning import LocalLearningStrategy
+
+        install_adapter(module, adapter, sample_batch=lambda: LocalLearningStrategy._sample_batch(trainer))
+        rank_zero_info(
+            f"{type(self).__name__}: {adapter.describe()} supplies the pipeline protocol of {type(module).__name__}."
+        )
 
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.
