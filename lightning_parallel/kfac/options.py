@@ -71,7 +71,7 @@ class KFACOptions:
             (classification). A callable ``output -> loss`` samples its own targets and returns the
             negative log-likelihood summed over the examples (``reduction="sum"``), so that its
             gradient is each example's own. Default ``"empirical"``; a sampled one is not supported
-            under pipeline strategies.
+            under pipeline strategies (``kfac.pipeline.check_pipeline_options``).
         fisher_output: Qualified name of the module whose output is the model's prediction (used
             by the sampled Fisher); ``None`` (default): the last preconditioned layer.
         fisher_seed: Seed of the sampled Fisher's random generator (offset by the rank). Default 0.
@@ -192,18 +192,6 @@ class KFACOptions:
     def sampled_fisher(self) -> bool:
         """Whether ``G`` comes from a backward pass on sampled targets (not the training loss)."""
         return self.fisher != "empirical"
-
-    def check_pipeline(self, where: str) -> None:
-        """Refuses what a pipeline cannot run: a sampled ``fisher`` (the prediction lives on the last stage only).
-
-        Args:
-            where: the strategy named in the error, e.g. ``"ChimeraStrategy"``.
-        """
-        if self.sampled_fisher:
-            raise ValueError(
-                f"`fisher={self.fisher!r}` is not supported under {where} (the prediction lives on the last stage"
-                " only); use fisher='empirical'."
-            )
 
     def at(self, name: str, step: int) -> float:
         """A hyperparameter's value at an optimizer step, checked.
