@@ -340,17 +340,22 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f" load={r['load_average']} cpu_share={r['cpu_share']}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller grids, one seed")
+def cli(argv: list[str] | None, doc: str, part: str, func: Any, printer: Any, tasks: str) -> None:
+    """The command line of a benchmark part: ``--quick``, ``--json PATH``, ``--tasks a,b``; one thread."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick mode (see the module docstring)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--tasks", default="autoencoder,cnn,gpt")
+    parser.add_argument("--tasks", default=tasks)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = time_to_target(args.quick, tuple(args.tasks.split(",")))
-    print_rows(rows)
+    rows = func(args.quick, tuple(args.tasks.split(",")))
+    printer(rows)
     if args.json is not None:
-        args.json.write_text(json.dumps({"time_to_target": rows, "quick": args.quick}, indent=2))
+        args.json.write_text(json.dumps({part: rows, "quick": args.quick}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv, __doc__ or "", "time_to_target", time_to_target, print_rows, "autoencoder,cnn,gpt")
 
 
 if __name__ == "__main__":
