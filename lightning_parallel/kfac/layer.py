@@ -68,6 +68,7 @@ class KFACLayer:
         self.subsample = subsample  # factor statistics from every subsample-th example
         self.position_subsample = position_subsample  # ... and every position_subsample-th position
         self.rank = rank  # eigenpairs kept per factor (None: all)
+        self.has_positions: bool | None = None  # whether its inputs have positions to subsample (once seen)
         self.in_dim, self.out_dim = layer_dims(self.target)
         self.dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.reset_accumulators()
@@ -107,6 +108,8 @@ class KFACLayer:
             x: The layer's input tensor.
         """
         used = x[:: self.subsample] if self.subsample > 1 else x
+        if self.has_positions is None:  # a Conv2d's output rows, or dimension 1 of a Linear input
+            self.has_positions = self.target.conv is not None or (x.dim() > 2 and x.shape[1] > 1)
         contribution, rows = input_gram(self.target, used.to(self.dtype), self.position_subsample)
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
         self.a_rows += rows

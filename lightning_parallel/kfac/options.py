@@ -51,7 +51,10 @@ class KFACOptions:
             batch). 1 (default) uses every example; 2-4 make factor steps cheaper on large batches.
         position_subsample: Build the factor statistics from every ``position_subsample``-th sequence
             position (dimension 1 of a Linear input with more than two dimensions) or output row (a
-            Conv2d); ``G`` is rescaled to all positions. 1 (default) uses every position.
+            Conv2d); ``G`` is rescaled to all positions. Layers with one position per example (2-D
+            inputs) use every row; one warning counts them. For a sequence-first input (``(T, n, ...)``,
+            e.g. ``batch_first=False`` attention) dimension 1 is the batch: still a uniform subsample
+            of the rows. 1 (default) uses every position.
         factor_rank: With ``method="eigen"``, keep only the ``factor_rank`` largest eigenpairs of a
             factor wider than that; the rest of its spectrum is taken as 0, so those directions get
             the damping alone. Preconditioning a layer then costs ``2 out in k`` multiply-adds on the

@@ -128,6 +128,7 @@ class KFACPreconditioner:
         if self.comm.world_size == 1:
             self.placement = "all"
         self.costs_by_placement: dict[str, dict[str, float]] = {}  # the cost model's figures, once placed
+        self._warned_positions = False  # position_subsample: the layers without positions, warned once
         self._slots: dict[int, list[int]] = {}  # stagger_decompositions: interval -> each layer's step in it
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
         # the counters' clock; ``time.process_time`` measures CPU work on oversubscribed machines
@@ -278,6 +279,8 @@ class KFACPreconditioner:
     def _update_factors(self, step: int, grad_scale: float) -> None:
         if self.owners is None:
             self._assign()
+        if self.options.position_subsample > 1 and not self._warned_positions:
+            self._warn_positionless()
         start = self.clock()
         batch = [
             layer.batch_factors(grad_scale, per_example=self.options.sampled_fisher)
@@ -301,6 +304,21 @@ class KFACPreconditioner:
                 continue
             layer.update_factors(*factors, decay)
         self.counters["factor_seconds"] += self.clock() - start
+
+    def _warn_positionless(self) -> None:
+        """Warns once which recorded layers ``position_subsample`` cannot thin (one position per example)."""
+        seen = [layer for layer in self.layers if layer.has_positions is not None]
+        if not seen:
+            return
+        self._warned_positions = True
+        without = [layer.name for layer in seen if not layer.has_positions]
+        if without:
+            warnings.warn(
+                f"K-FAC: position_subsample={self.options.position_subsample} thins {len(seen) - len(without)} of the"
+                f" {len(seen)} layers this rank records; the other {len(without)} ({without[:3]}...) have one position"
+                " per example and use every row.",
+                stacklevel=3,
+            )
 
     def _assign(self) -> None:
         """Fixes the owners from the first step's rows (``dp``); non-owners drop their hook data."""

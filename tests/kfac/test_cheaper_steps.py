@@ -4,6 +4,7 @@ subsampling (``position_subsample``) and staggered decompositions (``stagger_dec
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -213,3 +214,27 @@ def test_stagger_under_dp_matches_single_process() -> None:
 def test_bad_options_are_refused(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         KFACOptions(**kwargs)
+
+
+def test_position_subsample_warns_once_with_counts_of_layers_without_positions() -> None:
+    """A sequence model whose head sees pooled (2-D) features: the head has no positions to thin."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x).mean(dim=1))
+
+    model = Pooled()
+    kfac = KFACPreconditioner(model, KFACOptions(kl_clip=None, position_subsample=2))
+    with pytest.warns(UserWarning, match=r"position_subsample=2 thins 1 of the 2 layers .* the other 1 \(\['head'\]"):
+        F.mse_loss(model(torch.randn(3, 5, 4)), torch.randn(3, 2)).backward()
+        kfac.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.zero_grad()
+        F.mse_loss(model(torch.randn(3, 5, 4)), torch.randn(3, 2)).backward()
+        kfac.step()
