@@ -183,20 +183,21 @@ def _stagger_worker(rank: int, world_size: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_stagger_under_dp_matches_single_process() -> None:
-    """2 processes, the same data on both: staggered decompositions (each owner's layers spread over
-    the interval; under ``all`` only the due layers' decompositions travel) give single-process
-    staggered K-FAC's weights, within 1e-6."""
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_stagger_under_dp_matches_single_process(world_size: int) -> None:
+    """2 and 4 processes, the same data on all: staggered decompositions (under ``all`` only the due
+    layers' decompositions travel, from their owners) give single-process staggered K-FAC's
+    weights, within 1e-6."""
     from tests.kfac.test_distributed import _model, _train
 
-    results = run_distributed(_stagger_worker, 2, timeout=120.0)
+    results = run_distributed(_stagger_worker, world_size, timeout=300.0)
     model = _model()
     options = KFACOptions(damping=0.01, kl_clip=0.01, inv_update_steps=3, stagger_decompositions=True)
     kfac = KFACPreconditioner(model, options)
     _train(model, kfac, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), range(5), 0, 1, 1)
     reference = [p.detach() for p in model.parameters()]
     for res in results:
-        assert set(res["all_owners"]) == {0, 1}
+        assert set(res["all_owners"]) == set(range(world_size))
         for placement in ("owner", "all"):
             for got, want in zip(res[placement], reference):
                 torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-6)
