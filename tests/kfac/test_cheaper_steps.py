@@ -178,8 +178,19 @@ def _stagger_worker(rank: int, world_size: int) -> dict[str, Any]:
         _train(model, kfac, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), range(5), rank, 1, world_size)
         out[placement] = [p.detach().numpy().copy() for p in model.parameters()]
         out[placement + "_owners"] = kfac.owners
+    # truncated eigenbases under "all": the owners broadcast (in, k) bases, at the cost model's bytes
+    model = _model()
+    kfac = KFACPreconditioner(model, _rank_options("all"))
+    _train(model, kfac, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), range(5), rank, 1, world_size)
+    out["rank"] = [p.detach().numpy().copy() for p in model.parameters()]
+    out["rank_bytes"] = kfac.metrics()["bytes_communicated"]
+    out["rank_model_bytes"] = kfac.costs_by_placement["all"]["bytes_per_step"]
     assert dist.is_initialized()
     return out
+
+
+def _rank_options(placement: str) -> KFACOptions:
+    return KFACOptions(placement=placement, damping=0.01, kl_clip=0.01, inv_update_steps=3, factor_rank=3)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -196,7 +207,15 @@ def test_stagger_under_dp_matches_single_process(world_size: int) -> None:
     kfac = KFACPreconditioner(model, options)
     _train(model, kfac, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), range(5), 0, 1, 1)
     reference = [p.detach() for p in model.parameters()]
+    model = _model()
+    kfac = KFACPreconditioner(model, _rank_options("auto"))
+    _train(model, kfac, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), range(5), 0, 1, 1)
+    rank_reference = [p.detach() for p in model.parameters()]
     for res in results:
+        for got, want in zip(res["rank"], rank_reference):
+            torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-6)
+        # the owner assignment (one float64 per layer), then decompositions at steps 0 and 3
+        assert res["rank_bytes"] == 8 * 4 + res["rank_model_bytes"] * 3 * 2
         assert set(res["all_owners"]) == set(range(world_size))
         for placement in ("owner", "all"):
             for got, want in zip(res[placement], reference):
