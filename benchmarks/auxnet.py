@@ -9,10 +9,14 @@
     stage and micro-batch) and ``aux_steps`` auxiliary forward+backward passes. Stage work per micro-batch:
     stage 0 two units (forward, weight gradient), the others three (plus the input gradient that trains the
     auxiliary network), as many as end-to-end backprop. Efficiency = the busiest rank's work (refits included)
-    / measured step time. AuxNet runs at the strategy's default refit interval (10) and refitting every step.
+    / measured step time. Per rank and step it also reports the seconds blocked in receives and in refits.
+    AuxNet variants (``--throughput-methods``, ``--methods``): ``auxnet@INTERVAL`` refits every INTERVAL steps
+    (10 is the strategy's default, 0 never); ``+true`` adds ``true_input_loss``, ``+constant`` sets
+    ``stage_input_gradient=False`` (the stages >= 1 then do two units, no input gradient), ``+rhoR`` sets rho.
 (b) Accuracy: the interlocking benchmark's ladder (4-stage GroupNorm ResNet, channels 4/8/16/32, native 8x8
     digits, batch 64, Adam lr 3e-3, 15 epochs, single-process runtimes in a plain torch loop) for k=1, k=2,
-    end-to-end (k=4) and AuxNet (default options: penalty, rho 10, aux_lr 3e-3, 1 refit step), over seeds;
+    end-to-end (k=4) and AuxNet (default options: penalty, rho 10, aux_lr 3e-3, 1 refit step, and the variants
+    above), over seeds;
     mean validation accuracy of the model's own end-to-end output with a 95% bootstrap interval, and AuxNet's
     place between k=1 (0) and end-to-end (1) with a paired bootstrap interval.
 
@@ -302,6 +306,8 @@ METHODS = {  # kind -> (method, k) of the JSON records; AuxNet kinds are named b
 }
 THROUGHPUT_KINDS = ["auxnet@10", "auxnet@1", "auxnet@0", "auxnet@10+constant", "auxnet@1+true", "1", "2", "e2e"]
 ACCURACY_KINDS = ["1", "2", "e2e", "auxnet@10", "auxnet@1", "auxnet@1+true"]
+QUICK_THROUGHPUT_KINDS = ["auxnet@10", "auxnet@10+constant", "1", "2", "e2e"]
+QUICK_ACCURACY_KINDS = ["1", "2", "e2e", "auxnet@10", "auxnet@1+true"]
 
 
 def _record_of(kind: str) -> tuple[str, Any]:
@@ -313,7 +319,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="2 seeds x 3 epochs, 10 timed steps at 50 ms units"
+        "--quick", action="store_true",
+        help="2 seeds x 3 epochs, fewer AuxNet variants (QUICK_*_KINDS)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
     parser.add_argument("--seeds", type=int, default=None, help="default 10 (2 with --quick)")
@@ -327,17 +334,23 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=ACCURACY_KINDS,
+        default=None,
         help="accuracy runs: interlocking widths (1, 2), e2e, auxnet@INTERVAL[+true][+constant][+rhoR] (refit "
         "interval, true_input_loss, stage_input_gradient=False, rho); place needs 1 and e2e",
     )
-    parser.add_argument("--throughput-methods", nargs="+", default=THROUGHPUT_KINDS, help="as --methods")
+    parser.add_argument(
+        "--throughput-methods", nargs="+", default=None, help=f"as --methods; default {THROUGHPUT_KINDS}"
+    )
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
     epochs = args.epochs or (3 if args.quick else 15)
-    steps = args.steps or 10
+    steps = args.steps or 10  # 2 warm-up steps, then steps 2-11: one refit at the default interval
+    if args.methods is None:
+        args.methods = QUICK_ACCURACY_KINDS if args.quick else ACCURACY_KINDS
+    if args.throughput_methods is None:
+        args.throughput_methods = QUICK_THROUGHPUT_KINDS if args.quick else THROUGHPUT_KINDS
     started = time.perf_counter()
     ratios = aux_flop_ratio()
     aux_ratio = sum(ratios) / len(ratios)
