@@ -357,7 +357,10 @@ def main() -> None:
     print(f"default auxiliary network FLOPs / stage FLOPs on the ladder: {[round(r, 3) for r in ratios]}")
     kinds_run = list(dict.fromkeys([*args.throughput_methods, *args.methods]))
     records: dict[str, dict[str, Any]] = {
-        kind: {"method": method, "k": k, "samples_per_second": None, "efficiency": None, "val_accuracy": None}
+        kind: {
+            "method": method, "k": k, "samples_per_second": None, "efficiency": None, "val_accuracy": None,
+            "seeds": None,
+        }
         for kind, (method, k) in ((kind, _record_of(kind)) for kind in kinds_run)
     }
     load = os.getloadavg()[0]
