@@ -85,8 +85,8 @@ from lightning_parallel.pipeline.adapters import (
 )
 from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
 from lightning_parallel.pipeline.stage_local import has_meta_tensors
-from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 from lightning_parallel.preemption import SignalFlag
+from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 from lightning_parallel.strategies.monitors import warn_unlogged_monitors
 from lightning_parallel.strategies.set_aside import SetAsideGradients
 from lightning_parallel.strategies.stage_local_state import StageLocalState
