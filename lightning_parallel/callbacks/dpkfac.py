@@ -18,7 +18,9 @@ Design decisions:
   batch with ``partition="profile"``) over the stage copies the rank holds
   (``held_stage_modules``), and the two copies of a stage combine their factors
   (:class:`~lightning_parallel.kfac.PipelineKFACPreconditioner`), so both receive the
-  single-device preconditioned gradient. Other pipeline strategies and sharded strategies are
+  single-device preconditioned gradient. A sampled ``fisher`` runs its second backward through
+  the schedule on factor-update steps (:class:`~lightning_parallel.kfac.pipeline_fisher.SampledFisherPass`,
+  the runtime's ``side_backward``). Other pipeline strategies and sharded strategies are
   refused.
 - Checkpoints hold the step count, the owners and every layer's factors and decomposition;
   under ``dp`` the owners' states are gathered when Lightning calls ``state_dict`` (on every
@@ -67,7 +69,8 @@ class DPKFAC(Callback):
     Raises:
         ValueError: On an option :class:`~lightning_parallel.kfac.KFACOptions` refuses (it validates
             them all), a negative ``log_every_n_steps``, or (at setup) a model with no supported
-            layer, a ``fisher_output`` naming no module, or a sampled ``fisher`` under ChimeraStrategy.
+            layer, a ``fisher_output`` naming no module, or ``fisher_output`` with a sampled ``fisher``
+            under ChimeraStrategy (there the prediction is the last stage's output).
         TypeError: On a hyperparameter of the wrong type (see ``KFACOptions``).
     """
 
@@ -164,6 +167,9 @@ class DPKFAC(Callback):
         )
         self._build(preconditioner, self._previous)
         self._previous = None
+        runtime = strategy.pipeline_runtime
+        if runtime is not None:  # the sampled Fisher's second backward rides the schedule (None: empirical)
+            runtime.side_backward = preconditioner.sampled_pass
 
     def _build(self, preconditioner: KFACPreconditioner, previous: KFACPreconditioner | None) -> None:
         self.preconditioner = preconditioner
@@ -179,6 +185,9 @@ class DPKFAC(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.preconditioner is not None:
             self.preconditioner.remove_hooks()  # the state stays for state_dict() after fit
+            runtime = getattr(trainer.strategy, "pipeline_runtime", None)
+            if runtime is not None:
+                runtime.side_backward = None
 
     @override
     def on_before_optimizer_step(
@@ -266,7 +275,8 @@ def check_strategy(strategy: Any, world_size: int, options: KFACOptions | None =
     Raises:
         ValueError: For this package's pipeline strategies other than ChimeraStrategy, for
             multi-process strategies other than DDP and ChimeraStrategy (sharded parameters have no
-            full gradient), and for options ChimeraStrategy cannot run (a sampled ``fisher``).
+            full gradient), and for options ChimeraStrategy cannot run (``fisher_output`` with a sampled
+            ``fisher``, ``assignment="dp"`` over pipeline replicas).
     """
     name = type(strategy).__name__
     if isinstance(strategy, ChimeraStrategy):

@@ -95,6 +95,9 @@ class KFACPreconditioner:
             ``allow_empty``).
     """
 
+    # the sampled Fisher's backward starts at the prediction's forward hook (a pipeline runs its own pass)
+    samples_in_forward = True
+
     def __init__(
         self, model: nn.Module, options: KFACOptions | None = None, group: Any = None, *, allow_empty: bool = False
     ) -> None:
@@ -140,7 +143,7 @@ class KFACPreconditioner:
         self._generator: torch.Generator | None = None
         self._output_module = (
             prediction_module(model, self.options.fisher_output, self.layers[-1].module)
-            if self.options.sampled_fisher
+            if self.options.sampled_fisher and self.samples_in_forward
             else None
         )
         # forward hooks are registered only while the next step updates the factors, and only on
