@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.kfac import _resnet, digits
 from lightning_parallel.kfac import KFACOptions, KFACPreconditioner
+from lightning_parallel.kfac.assignment import placement_costs
 from lightning_parallel.kfac.communication import Communicator
 
 
@@ -171,7 +172,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for g in (d for d in range(1, size + 1) if size % d == 0)
         for r, row in enumerate(per_rank_model(dims, owners[f"{f}/{i}"], size, g, i))
     ]
-    out = {"workers": size, "owners": owners, "dims": dims, "measured": measured, "model": model}
+    # the model's ends against the measurement (per rank) and against placement_costs (the project's measure)
+    checks = []
+    for row in measured:
+        g = 1 if row["placement"] == "owner" else size
+        (want,) = [
+            m
+            for m in model
+            if m["g"] == g and m["intervals"] == row["intervals"] and m["rank"] == row["rank"]
+        ]
+        fus, ius = (int(v) for v in row["intervals"].split("/"))
+        costs = placement_costs(
+            [tuple(d) for d in dims],
+            owners[row["intervals"]],
+            method="eigen",
+            factor_update_steps=fus,
+            inv_update_steps=ius,
+        )
+        checks.append(
+            {
+                **{k: row[k] for k in ("placement", "intervals", "rank")},
+                "sent_gap": row["sent"] - want["sent"],
+                "received_gap": row["received"] - want["received"],
+                "placement_costs_gap": row["bytes_communicated"] - costs[row["placement"]]["bytes_per_step"],
+            }
+        )
+    worst = max(abs(c[k]) for c in checks for k in ("sent_gap", "received_gap", "placement_costs_gap"))
+    print(f"largest |measured - model| over ranks, placements and intervals: {worst:.3g} bytes per step")
+    out = {
+        "workers": size,
+        "owners": owners,
+        "dims": dims,
+        "measured": measured,
+        "model": model,
+        "checks": checks,
+    }
     for row in measured:
         print(
             f"measured {row['placement']:5s} {row['intervals']:6s} rank {row['rank']}: sent {row['sent']:,.0f}"
