@@ -5,8 +5,9 @@ last stage's output (``SampledFisherPass``); the whole batch's random numbers ar
 so the sampled labels are the ones one device draws whatever the micro-batches. 2 gloo processes:
 Chimera with 2 and 4 micro-batches and 1F1B, ``fisher="categorical"`` (and ``"gaussian"`` once,
 with factors every 2nd step, so the pass is skipped on the others); the final weights of every
-stage copy must match single-process training within 1e-5. The 4-process variant (Chimera and
-chimera-zb over 4 stages) is marked slow.
+stage copy must match single-process training within 1e-5. The 4-process variant (Chimera,
+chimera-zb and 1F1B over 4 stages, and a model whose middle stages hold no ``nn.Linear``: those
+ranks relay the sampled gradients and must not make the others hang) is marked slow.
 """
 
 from __future__ import annotations
@@ -32,20 +33,30 @@ RUNS_2 = {
 }
 RUNS_4 = {
     "chimera-4": ("chimera", 4, 4, {"fisher": "categorical"}),
+    # ranks 1 and 2 hold only the Linear-free middle stages: they relay the sampled gradients, record nothing
+    "chimera-4-empty-middle-stages": ("chimera", 4, 4, {"fisher": "categorical", "model": "hollow"}),
     "chimera-zb-4": ("chimera-zb", 4, 4, {"fisher": "categorical"}),
     "1f1b-4": ("1f1b", 4, 4, {"fisher": "categorical"}),
 }
 
 
 def _options(extra: dict[str, Any]) -> dict[str, Any]:
-    return {**OPTIONS, "fisher_seed": 7, **extra}
+    return {**OPTIONS, "fisher_seed": 7, **{k: v for k, v in extra.items() if k != "model"}}
+
+
+def _build(extra: dict[str, Any]) -> Any:
+    if extra.get("model") == "hollow":
+        from tests.callbacks.test_dpkfac_pipeline_four import _model as four_stage_model
+
+        return four_stage_model("hollow")
+    return _model()
 
 
 def _worker(rank: int, world_size: int, runs: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     out: dict[str, Any] = {}
     for name, (schedule, stages, micro_batches, extra) in runs.items():
-        model = _model()
+        model = _build(extra)
         strategy = ChimeraStrategy(stages, micro_batches, schedule=schedule)
         callback = DPKFAC(**_options(extra))
         _trainer(world_size, strategy, callback).fit(model, _data())
@@ -61,9 +72,9 @@ def _worker(rank: int, world_size: int, runs: dict[str, Any]) -> dict[str, Any]:
 
 def _check(results: list[dict[str, Any]], runs: dict[str, Any]) -> None:
     for name, (_schedule, _stages, _micro, extra) in runs.items():
-        reference = _model()
+        reference = _build(extra)
         _trainer(1, "auto", DPKFAC(**_options(extra))).fit(reference, _data())
-        empirical = _model()
+        empirical = _build(extra)
         _trainer(1, "auto", DPKFAC(**_options({**extra, "fisher": "empirical"}))).fit(empirical, _data())
         blocks = reference.pipeline_blocks()
         worst, held = 0.0, 0
