@@ -3,12 +3,14 @@
 Sends are asynchronous (``isend``; the tensor is kept alive until the send completes); every receive fails
 with a ``RuntimeError`` naming the peer after ``timeout_s``. Messages of one kind between two ranks share a
 tag and are matched in the order they were sent. ``bytes_sent`` counts the payload this rank has sent, so a
-benchmark or a test can check the traffic per step against its formula.
+benchmark or a test can check the traffic per step against its formula; ``wait_seconds`` the time spent
+blocked in receives (what a benchmark needs to see where a step's time goes).
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -48,6 +50,7 @@ class Messenger:
         self.timeout = timedelta(seconds=timeout_s)
         self.names = dict(names or {})
         self.bytes_sent = 0
+        self.wait_seconds = 0.0
         self._sends: list[tuple[Any, torch.Tensor]] = []
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
@@ -64,12 +67,15 @@ class Messenger:
     def recv(self, shape: Sequence[int], dtype: torch.dtype, peer: int, tag: int) -> torch.Tensor:
         """Receive a tensor of ``shape`` and ``dtype`` from pipeline rank ``peer``."""
         buffer = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        start = time.perf_counter()
         try:
             work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
             if work is not None:
                 work.wait(self.timeout)
         except RuntimeError as error:
             raise self._failure(error, f"receiving {self.names.get(tag, f'a message with tag {tag}')}", peer) from error
+        finally:
+            self.wait_seconds += time.perf_counter() - start
         return buffer
 
     def finish(self) -> None:

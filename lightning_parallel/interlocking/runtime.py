@@ -20,8 +20,8 @@ gradients accumulate in micro-batch order, so results equal single-process mode 
 
 Messages: activations go forward (tag 0), early messages back (tag 1), late messages back (tag 2),
 evaluation activations forward (tag 3). Shapes are inferred once per input shape by a dry run of the whole
-trunk (every rank holds the whole model). Sends are asynchronous; every blocking receive fails with a
-``RuntimeError`` naming the peer after ``timeout_s``, or at once with a
+trunk (on the meta device when the rank holds only its own stages' weights). Sends are asynchronous; every
+blocking receive fails with a ``RuntimeError`` naming the peer after ``timeout_s``, or at once with a
 :class:`~lightning_parallel.peers.PeerLost` naming the dead rank when the peer's process is gone.
 This module imports no Lightning.
 """
@@ -40,6 +40,7 @@ from lightning_parallel.interlocking.plan import InterlockingPlan, stages_of_ran
 from lightning_parallel.interlocking.stage import InterlockingStage, LossFn, SimulatedCost
 from lightning_parallel.peers import transfer_failure, wait_all
 from lightning_parallel.pipeline.micro_batches import batch_size
+from lightning_parallel.pipeline.stage_local import has_meta_tensors, meta_outputs
 
 _FORWARD, _EARLY, _LATE, _EVAL = 0, 1, 2, 3
 _KINDS = {_FORWARD: "an activation", _EARLY: "an early gradient", _LATE: "a late gradient", _EVAL: "an activation"}
@@ -287,13 +288,17 @@ def forward_backward_order(micro_batches: int, warmup: int) -> list[tuple[str, i
 def infer_stage_outputs(
     stage_blocks: Sequence[nn.Module], x: torch.Tensor
 ) -> list[tuple[torch.Size, torch.dtype]]:
-    """Shape and dtype of every stage's output for input ``x``, by a dry run in eval mode without autograd."""
+    """Shape and dtype of every stage's output for input ``x``, by a dry run in eval mode without autograd
+    (on the meta device when some stage's weights are not held here)."""
     modes = [m.training for block in stage_blocks for m in block.modules()]
     result = []
     try:
         with torch.no_grad():
             for block in stage_blocks:
                 block.eval()
+            if has_meta_tensors(stage_blocks):
+                return [(out.shape, out.dtype) for out in meta_outputs(stage_blocks, x)]
+            for block in stage_blocks:
                 x = block(x)
                 result.append((x.shape, x.dtype))
     finally:

@@ -168,6 +168,7 @@ class SparseEngine:
         self.masks: dict[str, torch.Tensor] = {}
         self.sparse: dict[str, SparseLinear] = {}
         self.weights: dict[str, torch.Tensor] = {}  # the masked layers' weights
+        self.elsewhere: dict[str, int] = {}  # masked layers another pipeline rank trains -> their numel
         for name, module in layers.items():
             if isinstance(module, SparseLinear):
                 self.sparse[name] = module
@@ -188,7 +189,38 @@ class SparseEngine:
                 "`execution='sparse'` runs plain nn.Linear layers only and the model has none left sparse "
                 f"(covered: {sorted({type(m).__name__ for m in layers.values()})}); use execution='masked'."
             )
+        self._order = list(self.masks)  # every masked layer, in the order SET draws its random numbers
         self.apply_masks()
+
+    def keep_only(self, held: dict[str, nn.Module | torch.Tensor]) -> list[str]:
+        """Keep the masked layers named in ``held``, rebound to the given module or weight; drop the others.
+
+        Under a pipeline strategy a rank trains only some stages, and a stage may be a copy of the module's
+        blocks (Chimera's second pipeline): ``held`` maps the engine's layer names to the layers this rank
+        trains. The dropped layers' masks are freed; SET still draws their random numbers at every update
+        (``elsewhere``), so the held layers' decisions equal those of one engine over the whole model.
+
+        Args:
+            held: engine layer name -> the module (or registry weight tensor) this rank trains under that name.
+
+        Returns:
+            The names of the masked layers dropped.
+
+        Raises:
+            ValueError: if the engine holds sparse layers (truly sparse execution is not split by stage).
+        """
+        if self.sparse:
+            raise ValueError(
+                f"The engine runs {len(self.sparse)} layer(s) in sparse execution; keep_only splits masked layers only."
+            )
+        dropped = [name for name in self.masks if name not in held]
+        for name in dropped:
+            self.elsewhere[name] = self.masks.pop(name).numel()
+            del self.weights[name]
+        for name in self.masks:
+            self.weights[name] = _weight(held[name])
+        self.apply_masks()
+        return dropped
 
     @property
     def masked_by_sparse_fallback(self) -> int:
@@ -237,8 +269,12 @@ class SparseEngine:
                 read ``weight.grad``, already averaged by data parallelism).
         """
         fraction = drop_fraction_at(step, initial=self.drop_fraction, stop_at=stop_at, decay=self.decay)
-        for name, mask in self.masks.items():
-            weight = self.weights[name]
+        for name in self._order:
+            if name not in self.masks:  # trained by another pipeline rank: keep SET's random stream in step
+                if self.method == "set" and name in self.elsewhere:
+                    torch.rand(self.elsewhere[name], generator=self.generator)
+                continue
+            weight, mask = self.weights[name], self.masks[name]
             if self.method == "rigl":
                 if weight.grad is None:
                     raise RuntimeError(f"RigL needs the gradient of {name}.weight at the update step.")
@@ -304,14 +340,15 @@ class SparseEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore masks, patterns and the generator (the model must have been built by this engine's config)."""
-        unknown = (set(state["masks"]) - set(self.masks)) | (set(state["patterns"]) - set(self.sparse))
+        unknown = (set(state["masks"]) - set(self.masks) - set(self.elsewhere)) | (set(state["patterns"]) - set(self.sparse))
         if unknown:
             raise ValueError(
                 f"The checkpoint's sparse layers {sorted(unknown)} are not sparse here (masked: {sorted(self.masks)}, "
                 f"sparse: {sorted(self.sparse)}): resume with the same method, distribution and execution."
             )
         for name, mask in state["masks"].items():
-            self.masks[name] = mask.to(self.masks[name].device)
+            if name in self.masks:  # a layer another pipeline rank trains keeps its mask there
+                self.masks[name] = mask.to(self.masks[name].device)
         for name, pattern in state["patterns"].items():
             layer = self.sparse[name]
             layer.load_pattern(pattern["indices"].to(layer.indices.device), pattern["values"].to(layer.values))

@@ -217,7 +217,7 @@ class LocalLearningStrategy(PipelineStrategy):
     @override
     def sync_full_module(self) -> None:
         """Make every rank's copy of every stage (and its companions) equal to its owner's (collective)."""
-        if self.world_size == 1 or self.runtime is None:
+        if self.world_size == 1 or self.runtime is None or self.stage_local:
             return
         for module, owner in self._stage_owners:
             tensors = module_tensors([module])
@@ -226,6 +226,8 @@ class LocalLearningStrategy(PipelineStrategy):
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self.stage_local:
+            return {}  # sharded checkpoints write it by parameter name
         state = optimizer.state_dict()
         if self.world_size == 1 or self.runtime is None:
             return state
@@ -249,7 +251,7 @@ class LocalLearningStrategy(PipelineStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        if module is None:
+        if module is None or self.load_sharded_now():
             return
         result = module.load_state_dict(checkpoint["state_dict"], strict=False)
         missing = [key for key in result.missing_keys if not key.startswith(self.companions_attribute + ".")]
