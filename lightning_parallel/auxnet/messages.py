@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_parallel.peers import transfer_failure, wait_all
+
 
 class Messenger:
     """Sends and receives tensors between the ranks of one pipeline.
@@ -54,7 +56,10 @@ class Messenger:
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Send ``tensor`` (detached, contiguous) to pipeline rank ``peer`` without waiting."""
         tensor = tensor.detach().contiguous()
-        work = dist.isend(tensor, dst=self.global_ranks[peer], group=self.group, tag=tag)
+        try:
+            work = dist.isend(tensor, dst=self.global_ranks[peer], group=self.group, tag=tag)
+        except RuntimeError as error:
+            raise self._failure(error, f"sending {self.names.get(tag, f'a message with tag {tag}')}", peer) from error
         self._sends.append((work, tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         self._sends = [item for item in self._sends if not item[0].is_completed()]
@@ -63,22 +68,23 @@ class Messenger:
         """Receive a tensor of ``shape`` and ``dtype`` from pipeline rank ``peer``."""
         buffer = torch.empty(tuple(shape), dtype=dtype, device=self.device)
         start = time.perf_counter()
-        work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
         try:
+            work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
             if work is not None:
                 work.wait(self.timeout)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"Rank {self.rank} waited more than {self.timeout.total_seconds():.0f}s for "
-                f"{self.names.get(tag, f'a message with tag {tag}')} from rank {peer} (global rank "
-                f"{self.global_ranks[peer]}); that process died or stalled."
-            ) from error
+            raise self._failure(error, f"receiving {self.names.get(tag, f'a message with tag {tag}')}", peer) from error
         finally:
             self.wait_seconds += time.perf_counter() - start
         return buffer
 
     def finish(self) -> None:
         """Wait until every message this rank sent has been received."""
-        for work, _ in self._sends:
-            work.wait(self.timeout)
-        self._sends.clear()
+        sends, self._sends = self._sends, []
+        wait_all(sends, self.timeout, lambda error: self._failure(error, "waiting for its sends to be received", None))
+
+    def _failure(self, error: RuntimeError, what: str, peer: int | None) -> BaseException:
+        rank = None if peer is None else self.global_ranks[peer]
+        return transfer_failure(
+            error, what, who=f"Rank {self.rank}", peer=rank, timeout_s=self.timeout.total_seconds()
+        )

@@ -48,6 +48,7 @@ from lightning_parallel.kfac import (
     PipelineKFACPreconditioner,
 )
 from lightning_parallel.kfac.options import Fisher
+from lightning_parallel.kfac.pipeline import check_pipeline_options
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy
 
@@ -83,6 +84,9 @@ class DPKFAC(Callback):
         method: Literal["eigen", "inverse"] = "eigen",
         factored_damping: bool = True,
         factor_subsample: int = 1,
+        position_subsample: int = 1,
+        factor_rank: int | None = None,
+        stagger_decompositions: bool = False,
         skip_layers: Sequence[str] = (),
         fisher: Fisher = "empirical",
         fisher_output: str | None = None,
@@ -100,6 +104,9 @@ class DPKFAC(Callback):
             method=method,
             factored_damping=factored_damping,
             factor_subsample=factor_subsample,
+            position_subsample=position_subsample,
+            factor_rank=factor_rank,
+            stagger_decompositions=stagger_decompositions,
             skip_layers=tuple(skip_layers),
             fisher=fisher,
             fisher_output=fisher_output,
@@ -119,9 +126,8 @@ class DPKFAC(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, trainer.world_size)
+        check_strategy(trainer.strategy, trainer.world_size, self.options)
         if isinstance(trainer.strategy, ChimeraStrategy):
-            self.options.check_pipeline("ChimeraStrategy")
             self._previous = self.preconditioner
             self.preconditioner = None  # built over the held stage copies once the pipeline exists
             return
@@ -248,20 +254,24 @@ class DPKFAC(Callback):
 DPKFAC.__doc__ = (DPKFAC.__doc__ or "").replace("{kfac_options}", KFACOptions.args_doc(indent=8))
 
 
-def check_strategy(strategy: Any, world_size: int) -> None:
-    """Refuses the strategies K-FAC cannot follow yet.
+def check_strategy(strategy: Any, world_size: int, options: KFACOptions | None = None) -> None:
+    """Refuses the strategies K-FAC cannot follow yet (every refusal of a strategy, in one place).
 
     Args:
         strategy: The Trainer's strategy.
         world_size: The number of processes.
+        options: The K-FAC options, checked against a pipeline strategy's rules
+            (:func:`~lightning_parallel.kfac.pipeline.check_pipeline_options`).
 
     Raises:
-        ValueError: For this package's pipeline strategies other than ChimeraStrategy, and for
+        ValueError: For this package's pipeline strategies other than ChimeraStrategy, for
             multi-process strategies other than DDP and ChimeraStrategy (sharded parameters have no
-            full gradient).
+            full gradient), and for options ChimeraStrategy cannot run (a sampled ``fisher``).
     """
     name = type(strategy).__name__
     if isinstance(strategy, ChimeraStrategy):
+        if options is not None:
+            check_pipeline_options(options, name)
         return
     if isinstance(strategy, PipelineStrategy):
         raise ValueError(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_parallel.pipeline.partition import outer_first_partition, partition_blocks, stage_slices
+from lightning_parallel.pipeline.stage_local import has_meta_tensors, meta_outputs
 
 
 def default_aux_head(stage_index: int, sample_output: torch.Tensor, final_output: torch.Tensor) -> nn.Module:
@@ -122,7 +123,9 @@ def cut_trunk(
     """Cut a pipeline-protocol module's blocks into stages and run one sample through them.
 
     The stages share their parameters with ``module``. The sample runs in eval mode without autograd (the
-    modules' modes are restored), so it changes no state.
+    modules' modes are restored), so it changes no state. A module with tensors on the meta device (built
+    in ``configure_model`` for stage-local weights) runs on meta, and its stage outputs are zeros of the
+    shapes found.
 
     Args:
         module: a module implementing the pipeline protocol.
@@ -151,9 +154,14 @@ def cut_trunk(
         with torch.no_grad():
             if isinstance(module, nn.Module):
                 module.eval()
-            for stage in stage_blocks:
-                x = stage(x)
-                samples.append(x)
+            if has_meta_tensors(stage_blocks):
+                # Built on the meta device: the shapes come from a meta run, the samples are zeros of them.
+                device = x.device
+                samples = [torch.zeros(out.shape, dtype=out.dtype, device=device) for out in meta_outputs(stage_blocks, x)]
+            else:
+                for stage in stage_blocks:
+                    x = stage(x)
+                    samples.append(x)
     finally:
         if isinstance(module, nn.Module):
             for sub, mode in zip(module.modules(), modes):

@@ -73,16 +73,11 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         accumulate_grad_batches: int = 1,
     ) -> None:
         options = options if options is not None else KFACOptions()
-        options.check_pipeline("a pipeline strategy")
         distributed = dist.is_available() and dist.is_initialized()
         dp_size = (
             dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
         )
-        if dp_size > 1 and options.assignment == "dp":
-            raise ValueError(
-                f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
-                " strategy; use assignment='replicated' (or one pipeline replica)."
-            )
+        check_pipeline_options(options, "a pipeline strategy", data_parallel_size=dp_size)
         nested = _nested(stage_modules)
         super().__init__(nested, options, group=data_parallel_group if dp_size > 1 else None, allow_empty=True)
         if not self.layers:
@@ -184,6 +179,32 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             dist.all_gather_object(gathered, state["layers"], group=self.pipeline_group)
             state["layers"] = {name: layer for part in gathered for name, layer in part.items()}
         return state
+
+
+def check_pipeline_options(options: KFACOptions, where: str, *, data_parallel_size: int = 1) -> None:
+    """Refuses what K-FAC cannot do under a pipeline: the one place of these rules (``DPKFAC`` calls it
+    at setup, before the pipeline exists, and the preconditioner when it is built).
+
+    Args:
+        options: The K-FAC options.
+        where: The strategy named in the error, e.g. ``"ChimeraStrategy"``.
+        data_parallel_size: Pipeline replicas (1 when not known yet).
+
+    Raises:
+        ValueError: On a sampled ``fisher`` (the prediction lives on the last stage only, so its
+            backward would need a second pass of the pipeline schedule), or ``assignment="dp"`` with
+            several pipeline replicas (the two holders of a stage need the same layers locally).
+    """
+    if options.sampled_fisher:
+        raise ValueError(
+            f"`fisher={options.fisher!r}` is not supported under {where} (the prediction lives on the last stage"
+            " only); use fisher='empirical'."
+        )
+    if data_parallel_size > 1 and options.assignment == "dp":
+        raise ValueError(
+            f"`assignment='dp'` with {data_parallel_size} data-parallel pipeline replicas is not supported under"
+            f" {where}; use assignment='replicated' (or one pipeline replica)."
+        )
 
 
 def _nested(stage_modules: dict[tuple[int, int], nn.Module]) -> nn.ModuleDict:

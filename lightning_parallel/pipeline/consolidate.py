@@ -49,6 +49,11 @@ def consolidated_checkpoint(directory: str | Path) -> dict[str, Any]:
         for alias in aliases:  # a tied parameter is stored once, under its first name
             if name in state_dict:
                 state_dict.setdefault(alias, state_dict[name])
+    companions = meta.get("companions")
+    if companions:  # e.g. interlocking's auxiliary heads: kept beside state_dict, as in a single-file checkpoint
+        prefix = companions["prefix"]
+        moved = {key[len(prefix) :]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
+        checkpoint.setdefault(companions["key"], {})[companions["entry"]] = moved
     optimizer_states = []
     for index, layout in enumerate(meta.get("optimizers", [])):
         prefix = f"{OPTIMIZER_PREFIX}{index}/"

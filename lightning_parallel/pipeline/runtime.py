@@ -24,7 +24,9 @@ Design decisions:
 - ``trace`` records each action's (start, end) in seconds since the step began, starting after the
   action's input arrived, so waiting shows as idle time.
 - A receive, send or all-reduce that does not complete within ``timeout_s`` (or whose peer's connection
-  closed) raises a ``RuntimeError`` naming the peer.
+  closed) raises a ``RuntimeError`` naming the peer; when the peer's process is gone (checked with the
+  table of :mod:`lightning_parallel.peers`), a :class:`~lightning_parallel.peers.PeerLost` naming the dead
+  rank, for the posting of a send or receive too (gloo raises there when the connection is already closed).
 
 This module imports no Lightning.
 """
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_parallel.peers import transfer_failure
 from lightning_parallel.pipeline.groups import PipelineGroups
 from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule
 from lightning_parallel.utils.flat import flatten, unflatten
@@ -129,14 +132,18 @@ class PipelineRuntime:
         try:
             work.wait(self.timeout)
         except RuntimeError as err:
-            raise RuntimeError(
-                f"Pipeline rank {self.groups.pipeline_rank} (global rank {self.groups.global_rank}) gave up on "
-                f"{what} with global rank {peer} after at most {self.timeout_s:g} s: the peer died, hung or "
-                f"is running a different schedule ({err})."
-            ) from err
+            raise self._failure(err, what, peer) from err
+
+    def _failure(self, err: RuntimeError, what: str, peer: int) -> BaseException:
+        """The error to raise for a failed transfer: the dead rank named, else the peer and the timeout."""
+        who = f"Pipeline rank {self.groups.pipeline_rank} (global rank {self.groups.global_rank})"
+        return transfer_failure(err, what, who=who, peer=peer, timeout_s=self.timeout_s)
 
     def _isend(self, tensor: Tensor, peer: int, tag: int, replica: int) -> None:
-        work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        try:
+            work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        except RuntimeError as err:
+            raise self._failure(err, "posting a send", peer) from err
         # let go of the tensors of sends that finished (raising if one failed), so memory stays bounded
         pending = []
         for entry in self._sends:
@@ -150,7 +157,10 @@ class PipelineRuntime:
         self, shape: tuple[int, ...], dtype: torch.dtype, peer: int, tag: int, replica: int, what: str
     ) -> Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        work = dist.irecv(buf, src=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        try:
+            work = dist.irecv(buf, src=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        except RuntimeError as err:
+            raise self._failure(err, f"posting the receive of {what}", peer) from err
         self._wait(work, f"receiving {what}", peer)
         return buf
 
@@ -325,7 +335,10 @@ class PipelineRuntime:
             if params
             else torch.zeros(1, device=self.device)
         )
-        work = dist.all_reduce(flat, group=self.groups.stage_groups[stage], async_op=True)
+        try:
+            work = dist.all_reduce(flat, group=self.groups.stage_groups[stage], async_op=True)
+        except RuntimeError as err:
+            raise self._failure(err, f"starting the all-reduce of stage {stage}'s gradients", self._pair_peer()) from err
         return work, flat, params, stage
 
     @staticmethod

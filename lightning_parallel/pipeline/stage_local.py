@@ -247,6 +247,29 @@ def materialized_bytes(modules: Iterable[nn.Module]) -> int:
     return total
 
 
+def has_meta_tensors(modules: Iterable[nn.Module]) -> bool:
+    """Whether any parameter or buffer of ``modules`` is on the meta device (built there, or freed)."""
+    return any(t.device.type == "meta" for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def meta_outputs(modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
+    """Each module's output when ``x`` goes through ``modules`` in turn, on the meta device (shapes and
+    dtypes only: nothing is computed or allocated, whether the modules' tensors are materialised or not).
+
+    Run in eval mode without autograd by the caller when it matters (dropout, batch statistics).
+    """
+    outputs = []
+    x = x.to("meta")
+    for module in modules:
+        state = {
+            name: torch.empty_like(tensor, device="meta")
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        }
+        x = torch.func.functional_call(module, state, (x,))
+        outputs.append(x)
+    return outputs
+
+
 def sum_tied_gradients(copies: Sequence[Tensor], group: Any = None) -> None:
     """Sum the gradients of one tied parameter over its copies on this rank and on the ranks of ``group``;
     every copy's ``.grad`` becomes the total (collective over ``group``; ``None`` and no process group:
@@ -270,8 +293,10 @@ def sum_tied_gradients(copies: Sequence[Tensor], group: Any = None) -> None:
 __all__ = [
     "TiedParameter",
     "free_blocks",
+    "has_meta_tensors",
     "materialize_blocks",
     "materialized_bytes",
+    "meta_outputs",
     "sum_tied_gradients",
     "tied_parameters",
 ]

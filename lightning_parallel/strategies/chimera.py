@@ -21,7 +21,8 @@ Design decisions:
 - ``partition="profile"`` needs a micro-batch: the pipeline is then built at the first batch, profiled on
   global rank 0 and broadcast so that every rank uses the same partition. ``partition="flops"`` too (the
   floating-point operations of one micro-batch, counted on meta tensors).
-- ``stage_local=True``: a rank holds only the weights of the stages it trains (see
+- ``stage_local=True`` (by default for a module built in ``configure_model``): a rank holds only the weights
+  of the stages it trains (see
   :class:`~lightning_parallel.strategies.stage_local_state.StageLocalState`). ``configure_model`` then runs
   on the meta device and only the held blocks are materialised (initialised by the module's
   ``pipeline_init_weights``, so the weights do not depend on the layout); an eagerly built module is cut
@@ -32,9 +33,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -57,15 +56,12 @@ from lightning_parallel.pipeline.runtime import PipelineRuntime
 from lightning_parallel.pipeline.schedule import SCHEDULE_KINDS, Schedule, build_schedule
 from lightning_parallel.pipeline.stage_local import tied_parameters
 from lightning_parallel.strategies._pipeline_checkpoint import (
-    broadcast_tensors,
     full_optimizer_state,
     local_optimizer_state,
-    module_tensors,
     sync_stages,
 )
 from lightning_parallel.strategies._pipeline_steps import PipelineSteps
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
-from lightning_parallel.strategies.stage_local_state import StageLocalState
 
 ScheduleName = Literal["chimera", "chimera-zb", "1f1b", "gpipe"]
 
@@ -89,10 +85,12 @@ class ChimeraStrategy(PipelineStrategy):
             micro-batches at once in the schedule (the first stages under 1F1B), or a list of stages.
             Default False.
         stage_local: hold only the weights of this rank's stages (``configure_model`` on the meta device,
-            or the other blocks freed right after partitioning). Default False.
+            or the other blocks freed right after partitioning). ``None`` (default): on for a module built in
+            ``configure_model`` (it then runs on the meta device), off for one built eagerly in ``__init__``
+            (every rank keeps the whole module, single-file checkpoints). ``False`` opts out for both.
         save_distributed_checkpoint: write sharded checkpoint directories (each rank its own stages, through
-            ``torch.distributed.checkpoint``); ``None`` (default) means ``stage_local``. A stage-local run
-            needs True; ``lightning-parallel consolidate DIR OUT.ckpt`` makes a single-device checkpoint.
+            ``torch.distributed.checkpoint``); ``None`` (default) means: when weights are stage-local. A
+            stage-local run needs True; ``lightning-parallel consolidate DIR OUT.ckpt`` makes a single-device checkpoint.
         timeout_s: seconds a rank waits for a peer (process group and pipeline transfers). Default 300.
         start_method: how processes are launched: ``"popen"`` (re-run the script, default), ``"spawn"``,
             ``"fork"`` or ``"forkserver"``.
@@ -102,6 +100,7 @@ class ChimeraStrategy(PipelineStrategy):
     """
 
     strategy_name = "chimera"
+    supports_stage_local = True
 
     def __init__(
         self,
@@ -112,26 +111,16 @@ class ChimeraStrategy(PipelineStrategy):
         partition: str | Sequence[int] = "uniform",
         forward_doubling: bool = False,
         recompute: bool | Sequence[int] = False,
-        stage_local: bool = False,
+        stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
         **kwargs: Any,
     ) -> None:
-        super().__init__(stages, timeout_s=timeout_s, start_method=start_method, **kwargs)
-        if save_distributed_checkpoint is None:
-            save_distributed_checkpoint = stage_local
-        if stage_local and not save_distributed_checkpoint:
-            raise ValueError(
-                "stage_local=True with save_distributed_checkpoint=False cannot write a checkpoint: no rank holds "
-                "the whole model. Use save_distributed_checkpoint=True (then `lightning-parallel consolidate`), "
-                "or stage_local=False for models that fit one device."
-            )
-        if save_distributed_checkpoint and not stage_local:
-            raise ValueError(
-                "save_distributed_checkpoint=True needs stage_local=True (a full module per rank writes "
-                "single-file checkpoints)."
-            )
+        super().__init__(
+            stages, timeout_s=timeout_s, start_method=start_method, stage_local=stage_local,
+            save_distributed_checkpoint=save_distributed_checkpoint, **kwargs,
+        )
         if not isinstance(recompute, bool):
             recompute = [int(stage) for stage in recompute]
             bad = [s for s in recompute if s < 0 or (stages is not None and s >= stages)]
@@ -141,10 +130,6 @@ class ChimeraStrategy(PipelineStrategy):
                     f"0..{'D-1' if stages is None else stages - 1}."
                 )
         self.recompute = recompute
-        self.stage_local = stage_local
-        self.save_distributed_checkpoint = save_distributed_checkpoint
-        self._stage_local: StageLocalState | None = None
-        self._sharded_resume: str | None = None
         if micro_batches is not None and (
             isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
         ):
@@ -212,48 +197,9 @@ class ChimeraStrategy(PipelineStrategy):
 
     # ------------------------------------------------------------------ setup
     @override
-    @contextmanager
-    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        if not self.stage_local:
-            with super().tensor_init_context(empty_init=empty_init):
-                yield
-            return
-        # configure_model builds on meta: each rank materialises only its stages' blocks later.
-        with torch.device("meta"):
-            yield
-
-    @override
-    def model_to_device(self) -> None:
-        if self.model is None or not self.stage_local:
-            super().model_to_device()
-            return
-        # Meta tensors stay meta (materialised on the device later, stage by stage).
-        device = self.root_device
-        self.model._apply(lambda t: t if t.device.type == "meta" else t.to(device))
-
-    @override
-    def teardown(self) -> None:
-        module = self.lightning_module
-        if not self.stage_local or module is None:
-            super().teardown()
-            return
-        # Lightning moves the module to the CPU here; the blocks held elsewhere are meta and stay so.
-        module.__dict__["cpu"] = lambda: module._apply(lambda t: t if t.device.type == "meta" else t.cpu())
-        try:
-            super().teardown()
-        finally:
-            del module.__dict__["cpu"]
-
-    @override
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Start every rank from global rank 0's weights, as DDP does (meta tensors have none yet: their
-        # values come from pipeline_init_weights, seeded by rank 0's init_seed).
-        broadcast_tensors([t for t in module_tensors([module]) if t.device.type != "meta"], src=0)
-        init_seed = getattr(module, "init_seed", None)
-        if isinstance(init_seed, int):
-            seed = torch.tensor([init_seed], dtype=torch.long, device=self.root_device)
-            dist.broadcast(seed, src=0)
-            module.init_seed = int(seed)  # type: ignore[assignment]
+        # Start every rank from global rank 0's weights, as DDP does.
+        self.begin_stage_local(module)
         self._steps = PipelineSteps(
             module,
             self.set_aside,
@@ -262,13 +208,6 @@ class ChimeraStrategy(PipelineStrategy):
             device=self.root_device,
             timeout_s=self.timeout_s,
         )
-        if self.stage_local:
-            self._stage_local = StageLocalState(module, list(module.pipeline_blocks()))  # type: ignore[operator]
-        elif any(t.device.type == "meta" for t in module_tensors([module])):
-            raise ValueError(
-                f"{type(module).__name__} has tensors on the meta device (built in configure_model on meta?); "
-                "use ChimeraStrategy(stage_local=True) to materialise only each rank's stages."
-            )
         if self.partition not in ("profile", "flops"):
             self._build_pipeline(None)
 
@@ -330,15 +269,17 @@ class ChimeraStrategy(PipelineStrategy):
                      for t in tied]
                     for p in range(self.data_parallel_size)
                 ]
-                local.prepare_tied(tied, steps.stage_modules, steps.copies, holders, self.global_rank // d)
+                local.record_aliases(tied)
+                self.tied_gradients.prepare(
+                    local.module, tied, steps.stage_modules, steps.copies, holders, self.global_rank // d
+                )
         if self._pending_optimizer_states is not None:
             steps.localise_optimizers(self.optimizers)
             self._load_full_optimizer_states(self._pending_optimizer_states)
             self._pending_optimizer_states = None
         elif self.optimizers and not steps.localised:
             steps.localise_optimizers(self.optimizers)
-        if local is not None and self._sharded_resume is not None:
-            self._load_sharded(self._sharded_resume)
+        self.load_sharded_now()
 
     def _require_steps(self) -> PipelineSteps:
         if self._steps is None:
@@ -399,8 +340,7 @@ class ChimeraStrategy(PipelineStrategy):
     @override
     def install_gradients(self) -> None:
         steps = self._require_steps()
-        if self._stage_local is not None and self._stage_local.tied:
-            self.set_aside.reduce(self._stage_local.tied_reduction)  # copies of a tied parameter: one sum
+        self.reduce_tied_gradients()  # copies of a tied parameter: one sum
         steps.reduce_replicas()
         self.set_aside.install(accumulate_grad_batches=self._accumulate_grad_batches(), divide_by=steps.replicas)
 
@@ -422,11 +362,11 @@ class ChimeraStrategy(PipelineStrategy):
             return steps.evaluate(batch, split)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        if self._stage_local is not None and self._stage_local.tied:
+        if len(self.tied_gradients):
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(
-                f"Gradient clipping counts each of the {len(self._stage_local.tied)} tied parameter(s) once per stage "
+                f"Gradient clipping counts each of the {len(self.tied_gradients)} tied parameter(s) once per stage "
                 "that uses it, so the global norm is a little larger than on one device.",
             )
         self._require_steps().clip_grad_norm(float(clip_val))
@@ -442,12 +382,6 @@ class ChimeraStrategy(PipelineStrategy):
         slices = stage_slices(steps.sizes or [])
         owners = [steps.groups.global_rank_of(steps.schedule.rank_of(0, s)) for s in range(len(slices))]
         sync_stages([steps.blocks[sl] for sl in slices], owners, steps.groups.pipeline_group)
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self.stage_local:
-            return {}  # each rank writes its own stages in save_checkpoint
-        return super().lightning_module_state_dict()
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -471,47 +405,6 @@ class ChimeraStrategy(PipelineStrategy):
         }
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if self._stage_local is None:
-            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-            return
-        checkpoint[self.checkpoint_key] = self.checkpoint_metadata()
-        self._stage_local.save(filepath, checkpoint, self.optimizers, {})
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        if not Path(checkpoint_path).is_dir():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        from lightning_parallel.pipeline.stage_checkpoint import read_meta
-
-        if self._stage_local is None:
-            raise ValueError(
-                f"{checkpoint_path} is a sharded checkpoint directory; resume it with stage_local=True, or "
-                "consolidate it first: `lightning-parallel consolidate DIR OUT.ckpt`."
-            )
-        meta = read_meta(checkpoint_path)  # refuses a half-written directory
-        checkpoint = dict(meta["checkpoint"])
-        metadata = checkpoint.get(self.checkpoint_key) or {}
-        if metadata.get("stages") == self.num_stages:
-            self.on_checkpoint_metadata(metadata)
-        # Sharded checkpoints reshard: another stage count or schedule reads its own stages' names.
-        self._sharded_resume = str(checkpoint_path)
-        checkpoint["state_dict"] = {}
-        checkpoint["optimizer_states"] = [{} for _ in meta.get("optimizers", [])]
-        return checkpoint
-
-    def _load_sharded(self, path: str) -> None:
-        local = self._stage_local
-        if local is None:
-            return
-        local.load_model(path, self.root_device)
-        if self.optimizers:
-            local.load_optimizers(path, self.optimizers)
-        self._sharded_resume = None
-
-    @override
     def on_checkpoint_metadata(self, metadata: dict[str, Any]) -> None:
         steps = self._steps
         if steps is not None and steps.runtime is None and metadata.get("partition"):
@@ -520,9 +413,7 @@ class ChimeraStrategy(PipelineStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._sharded_resume is not None:
-            if self.stages_built:
-                self._load_sharded(self._sharded_resume)  # model and optimizers: both exist by now
+        if self.load_sharded_now():
             return
         super().load_model_state_dict(checkpoint, strict=strict)
         if self._steps is not None:
@@ -531,7 +422,7 @@ class ChimeraStrategy(PipelineStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         if self._stage_local is not None and not any(checkpoint["optimizer_states"]):
-            return  # sharded: loaded with the model (_load_sharded)
+            return  # sharded: loaded with the model (load_sharded_now)
         states = list(checkpoint["optimizer_states"])
         steps = self._require_steps()
         if steps.runtime is None:

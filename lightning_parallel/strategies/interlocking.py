@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,7 +61,7 @@ from lightning_parallel.interlocking.heads import split_trunk
 from lightning_parallel.interlocking.plan import InterlockingPlan, check_width, stages_of_rank
 from lightning_parallel.interlocking.runtime import InterlockingRuntime
 from lightning_parallel.pipeline.micro_batches import batch_size, split_micro_batches
-from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
+from lightning_parallel.pipeline.stage_local import free_blocks, tied_parameters
 from lightning_parallel.strategies.local_learning import LocalLearningStrategy
 from lightning_parallel.strategies.pipeline_base import StartMethod
 
@@ -84,6 +85,13 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         synchronous: flush the pipeline after every optimizer step: every process waits for all stages to
             finish the step before the next step's forwards start (same results, more idle time). Default
             False: no global flush, a process starts the next step as soon as its own stages have stepped.
+        stage_local: hold only the weights of this rank's stages and their heads (``configure_model`` on the
+            meta device, or the other blocks freed right after partitioning). ``None`` (default): on for a
+            module built in ``configure_model``, off for one built eagerly; ``False`` opts out for both.
+        save_distributed_checkpoint: sharded checkpoint directories (each rank its own stages and heads);
+            ``None`` (default) means: when weights are stage-local, which needs True. They resume with the same ``stages``
+            (any world size that divides it); ``lightning-parallel consolidate DIR OUT.ckpt`` makes a
+            single-device checkpoint.
         timeout_s: seconds a rank waits for a peer (process group and transfers). Default 300.
         start_method: process launch: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
@@ -95,6 +103,8 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
     strategy_name = "interlocking"
     checkpoint_key = "interlocking"
     companions_attribute = HEADS_ATTRIBUTE
+    supports_stage_local = True
+    reshards_stages = False  # the auxiliary heads belong to the stage boundaries
 
     def __init__(
         self,
@@ -104,13 +114,16 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         *,
         partition: str | Sequence[int] | None = None,
         synchronous: bool = False,
+        stage_local: bool | None = None,
+        save_distributed_checkpoint: bool | None = None,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
         balance: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            stages, micro_batches, synchronous=synchronous, timeout_s=timeout_s, start_method=start_method, **kwargs
+            stages, micro_batches, synchronous=synchronous, timeout_s=timeout_s, start_method=start_method,
+            stage_local=stage_local, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs,
         )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(
@@ -152,14 +165,21 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
         protocol = self.pipeline_module
-        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), partition=self.partition)
+        # One micro-batch, the shape the stages will see (a traced split is specialised on it).
+        sample = split_micro_batches(self._sample_batch(trainer), self.micro_batches)[0]
+        stage_blocks, heads = split_trunk(module, stages, sample, partition=self.partition)
         existing = getattr(module, HEADS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
             heads = list(existing)  # set up before (fit, then validate): keep the trained heads
         else:
             module.add_module(HEADS_ATTRIBUTE, nn.ModuleList(heads).to(self.root_device))
-        if self.world_size > 1:
-            broadcast_tensors(module_tensors([module]), src=0)
+        local = self.begin_stage_local(module)  # every rank starts from global rank 0's weights, heads included
+        blocks = list(protocol.pipeline_blocks())
+        index_of = {id(block): index for index, block in enumerate(blocks)}
+        held_blocks = sorted(index_of[id(block)] for s in held for block in stage_blocks[s])
+        held_heads = [s for s in held if s < stages - 1]
+        if local is not None:
+            local.materialize(held_blocks, self.root_device)
         self.new_loss_group()
         self.runtime = InterlockingRuntime(
             InterlockingPlan(stages, self.k),
@@ -172,10 +192,36 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
             timeout_s=self.timeout_s,
         )
         self._held_stages = {(0, s): stage_blocks[s] for s in held}
-        self._held_modules = [stage_blocks[s] for s in held] + [heads[s] for s in held if s < stages - 1]
-        self._stage_owners = [(stage_blocks[s], s * self.world_size // stages) for s in range(stages)] + [
-            (heads[s], s * self.world_size // stages) for s in range(stages - 1)
+        self._held_modules = [stage_blocks[s] for s in held] + [heads[s] for s in held_heads]
+        self._stage_owners = [(stage_blocks[s], self._owner(s)) for s in range(stages)] + [
+            (heads[s], self._owner(s)) for s in range(stages - 1)
         ]
+        tied = tied_parameters(module, blocks, [len(stage) for stage in stage_blocks])
+        if local is not None:
+            local.record_aliases(tied)
+            local.after_build(self._held_stages, [], held_blocks, companions=[heads[s] for s in held_heads])
+            free_blocks(heads, held_heads)  # the other stages' heads live on their ranks
+        # A parameter used by stages on several ranks: its gradient is summed over them before each step.
+        across = [t for t in tied if len({self._owner(s) for s in t.stages}) > 1]
+        if across and self.world_size > 1:
+            holders = [[sorted({self._owner(s) for s in t.stages}) for t in across]]
+            self.tied_gradients.prepare(module, across, self._held_stages, [], holders, 0)
+
+    def _owner(self, stage: int) -> int:
+        """The global rank that holds ``stage`` (contiguous runs of stages per rank)."""
+        return stage * self.world_size // self.num_stages
+
+    @override
+    def on_optimizers_ready(self, trainer: pl.Trainer) -> None:
+        super().on_optimizers_ready(trainer)
+        local = self._stage_local
+        if local is None:
+            return
+        # Stage-local: the optimizers keep only the held parameters (the others are meta, never stepped).
+        local.record_layouts(self.optimizers)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in local.param_names]
 
     # ------------------------------------------------------------------ steps
     def _require_runtime(self) -> InterlockingRuntime:
@@ -235,9 +281,24 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
             "k": self.k,
             **super().checkpoint_metadata(),
             "heads": {}
-            if heads is None
+            if heads is None or self.stage_local  # stage-local: in the shards, under their module names
             else {key: value.detach().cpu() for key, value in heads.state_dict().items()},
         }
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.stage_local and not Path(checkpoint_path).is_dir():
+            raise ValueError(
+                f"{checkpoint_path} is a single-file checkpoint; a stage_local=True run resumes sharded checkpoint "
+                "directories only. Resume it with stage_local=False, or start from its weights "
+                "(`YourModule.load_from_checkpoint(path)`)."
+            )
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    @override
+    def sharded_checkpoint_meta(self) -> dict[str, Any]:
+        # Consolidation moves the heads out of state_dict, where a single-file checkpoint keeps them.
+        return {"companions": {"prefix": HEADS_ATTRIBUTE + ".", "key": self.checkpoint_key, "entry": "heads"}}
 
     @override
     def load_companions(self, companions: nn.Module, metadata: Mapping[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """StageLocalState: what a pipeline rank keeps when it holds only its own stages' weights.
 
-Used by :class:`~lightning_parallel.strategies.ChimeraStrategy` with ``stage_local=True``:
+Used by the pipeline strategies (:class:`~lightning_parallel.strategies.ChimeraStrategy`,
+:class:`~lightning_parallel.strategies.InterlockingBackpropStrategy`) with ``stage_local=True``:
 
 - before the stages are built, the blocks of every stage the rank trains are materialised on its device
   (a module built on the meta device in ``configure_model``) with the module's layout-independent
@@ -14,9 +15,9 @@ Used by :class:`~lightning_parallel.strategies.ChimeraStrategy` with ``stage_loc
   and its optimizer state by parameter name; loading asks each rank's names back, whatever the layout
   that wrote them (another stage count, schedule or world size);
 - a parameter tied across stages (a token embedding shared with the output head) has a copy on every rank
-  whose stages use it; after each step's schedule the copies' gradients are summed
-  (:meth:`StageLocalState.tied_reduction`: one copy per stage, the first pipeline's, summed over the ranks
-  that hold any copy), so every copy takes the same step as the one parameter on one device.
+  whose stages use it; the strategy sums the copies' gradients
+  (:class:`~lightning_parallel.strategies.tied_gradients.TiedGradients`); the checkpoint stores it once,
+  under its first name, and records its other names (:meth:`StageLocalState.record_aliases`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -40,7 +40,12 @@ from lightning_parallel.pipeline.stage_checkpoint import (
     parameter_names,
     save_sharded,
 )
-from lightning_parallel.pipeline.stage_local import TiedParameter, free_blocks, materialize_blocks
+from lightning_parallel.pipeline.stage_local import (
+    TiedParameter,
+    free_blocks,
+    has_meta_tensors,
+    materialize_blocks,
+)
 
 _SKIPPED = ("state_dict", "optimizer_states")
 
@@ -61,12 +66,13 @@ class StageLocalState:
         self.tensor_names: list[tuple[str, Tensor]] = []
         self.param_names: dict[int, str] = {}
         self.aliases: dict[str, list[str]] = {}
-        self.tied: list[tuple[list[Tensor], list[Tensor], Any]] = []  # (owner copies, all copies, group)
 
     def materialize(self, held_blocks: Sequence[int], device: torch.device) -> None:
-        """Give the blocks this rank trains storage and initial values (meta-built modules only)."""
-        if self.meta_built:
-            materialize_blocks(self.module, self.blocks, held_blocks, device=device)
+        """Give the blocks this rank trains storage and initial values (meta-built modules only; a block that
+        already has its values, e.g. trained by an earlier ``fit`` of the same layout, keeps them)."""
+        pending = [i for i in held_blocks if has_meta_tensors([self.blocks[i]])]
+        if self.meta_built and pending:
+            materialize_blocks(self.module, self.blocks, pending, device=device)
 
     def record_layouts(self, optimizers: Sequence[Optimizer]) -> None:
         """Remember each optimizer's param groups by name (before they are cut down to the held stages)."""
@@ -75,7 +81,7 @@ class StageLocalState:
 
     def after_build(
         self, stage_modules: Mapping[tuple[int, int], nn.Module], copies: Sequence[tuple[nn.Module, nn.Module]],
-        owned_blocks: Sequence[int],
+        owned_blocks: Sequence[int], companions: Sequence[nn.Module] = (),
     ) -> int:
         """Name the held tensors (copies under their originals' names), then free every other block.
 
@@ -83,6 +89,8 @@ class StageLocalState:
             stage_modules: (replica, stage) -> the module this rank trains.
             copies: (the module's original stage, this rank's copy of it) for Chimera's second pipeline.
             owned_blocks: indices of the blocks trained in place (replica 0's stages).
+            companions: other modules of the LightningModule this rank trains (interlocking's auxiliary heads of
+                its stages), named and checkpointed like the stages; the strategy frees the others itself.
 
         Returns:
             The bytes freed.
@@ -96,8 +104,9 @@ class StageLocalState:
                 names_of_copy[id(target)] = state_names[id(source)]
         self.tensor_names = []
         self.param_names = {}
-        for (replica, _), stage_module in sorted(stage_modules.items()):
-            lookup = state_names if replica == 0 else names_of_copy
+        held = [(replica == 0, m) for (replica, _), m in sorted(stage_modules.items())]
+        for in_place, stage_module in held + [(True, m) for m in companions]:
+            lookup = state_names if in_place else names_of_copy
             for tensor in [*stage_module.parameters(), *stage_module.buffers()]:
                 name = lookup[id(tensor)]
                 self.tensor_names.append((name, tensor))
@@ -105,63 +114,10 @@ class StageLocalState:
                     self.param_names[id(tensor)] = name
         return free_blocks(self.blocks, owned_blocks)
 
-    def prepare_tied(
-        self, tied: Sequence[TiedParameter], stage_modules: Mapping[tuple[int, int], nn.Module],
-        copies: Sequence[tuple[nn.Module, nn.Module]], holders: Sequence[Sequence[list[int]]], my_pipeline: int,
-    ) -> None:
-        """Find this rank's copies of every tied parameter and make one process group per pipeline and
-        tied parameter (collective: every rank calls this with the same ``tied`` and ``holders``).
-
-        Args:
-            tied: the tied parameters (found before the stages were built).
-            stage_modules: (replica, stage) -> the module this rank trains.
-            copies: (original stage, this rank's copy) pairs of Chimera's second pipeline.
-            holders: for each pipeline, for each tied parameter, the global ranks that hold a copy.
-            my_pipeline: this rank's pipeline index.
-        """
+    def record_aliases(self, tied: Sequence[TiedParameter]) -> None:
+        """Remember every name of each tied parameter (stored once; consolidation writes every alias)."""
         for item in tied:
             self.aliases[item.name] = list(item.aliases)
-        copy_of = {id(a): b for original, duplicate in copies
-                   for a, b in zip(original.parameters(), duplicate.parameters())}
-        self.tied = []
-        for index, item in enumerate(tied):
-            groups = [dist.new_group(ranks[index]) for ranks in holders]  # every rank creates every group
-            param = _first(self.module, item.name)
-            owners: list[Tensor] = []
-            everyone: list[Tensor] = []
-            for (replica, stage), stage_module in stage_modules.items():
-                if stage not in item.stages:
-                    continue
-                local = param if replica == 0 else copy_of.get(id(param))
-                if local is None or not any(p is local for p in stage_module.parameters()):
-                    continue
-                everyone.append(local)
-                if replica == 0 and not any(o is local for o in owners):
-                    owners.append(local)
-            unique: list[Tensor] = []
-            for t in everyone:
-                if not any(u is t for u in unique):
-                    unique.append(t)
-            self.tied.append((owners, unique, groups[my_pipeline]))
-
-    def tied_reduction(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """Set-aside gradients with every tied copy's gradient replaced by the sum over the stages that use
-        it (collective over each tied parameter's holders). One copy per stage counts: Chimera's second
-        pipeline has already added its gradient into the first's by then."""
-        out = list(grads)
-        position = {id(p): i for i, p in enumerate(params)}
-        for owners, everyone, group in self.tied:
-            if not everyone:
-                continue
-            total = torch.zeros_like(everyone[0])
-            for owner in owners:
-                grad = out[position[id(owner)]]
-                if grad is not None:
-                    total += grad
-            dist.all_reduce(total, group=group)
-            for copy in everyone:
-                out[position[id(copy)]] = total.clone()
-        return out
 
     # ------------------------------------------------------------------ sharded checkpoints
     def save(self, path: str | Path, checkpoint: Mapping[str, Any], optimizers: Sequence[Optimizer], meta: dict[str, Any]) -> None:
@@ -185,10 +141,6 @@ class StageLocalState:
             names = [self.param_names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             entries = load_sharded(path, optimizer_keys(path, index, names))
             load_optimizer_state_by_name(optimizer, self.param_names, entries, index)
-
-
-def _first(module: nn.Module, name: str) -> Tensor:
-    return module.get_parameter(name)
 
 
 def _first_names(module: nn.Module) -> dict[int, str]:

@@ -185,3 +185,15 @@ def test_fisher_output_naming_no_module_is_refused() -> None:
 def test_sampled_fisher_under_a_pipeline_is_refused() -> None:
     with pytest.raises(ValueError, match=r"`fisher='categorical'` is not supported under a pipeline"):
         PipelineKFACPreconditioner({(0, 0): _model()}, KFACOptions(fisher="categorical"))
+
+
+def test_pipeline_rules_live_in_one_function() -> None:
+    """``check_pipeline_options`` is the one place of the pipeline refusals (DPKFAC calls it at setup,
+    the preconditioner when built): a sampled Fisher, and ``dp`` over several pipeline replicas."""
+    from lightning_parallel.kfac.pipeline import check_pipeline_options
+
+    with pytest.raises(ValueError, match=r"`fisher='gaussian'` is not supported under ChimeraStrategy"):
+        check_pipeline_options(KFACOptions(fisher="gaussian"), "ChimeraStrategy")
+    with pytest.raises(ValueError, match=r"`assignment='dp'` with 2 data-parallel pipeline replicas"):
+        check_pipeline_options(KFACOptions(), "ChimeraStrategy", data_parallel_size=2)
+    check_pipeline_options(KFACOptions(assignment="replicated"), "ChimeraStrategy", data_parallel_size=2)
