@@ -11,7 +11,13 @@ One ``GPTLanguageModel`` (fp32, AdamW) and one global batch, trained for a few o
   ``--full-module`` runs them as before stage-local weights (``stage_local=False``, every rank holds the
   whole module);
 - ``torch-1f1b``: ``torch.distributed.pipelining``'s ``Schedule1F1B`` on 4 processes over a manual split
-  built on the meta device (each rank materialises only its stage), the same partition.
+  built on the meta device (each rank materialises only its stage), the same partition;
+- ``1f1b-recompute``: ``1f1b`` with ``recompute=True`` (stage 0, which stores D micro-batches' activations
+  under 1F1B, recomputes its forward in backward); against ``1f1b`` it gives the activation memory saved
+  (the peak RSS difference: weights and optimizer state are the same) and the time it costs;
+- ``interlocking``: ``InterlockingBackpropStrategy(k=2, stages=4, micro_batches=4, partition="parameters",
+  stage_local=True)`` on 4 processes, GPT built on meta; each rank also holds its stage's auxiliary head
+  (a linear ``n_embd -> vocab``), so its ideal is P/D plus one head.
 
 Every run is a fresh group of processes, so that each rank's peak resident set size
 (``ru_maxrss``) belongs to that run alone. Figures per rank, the maximum over ranks:
@@ -22,14 +28,16 @@ Every run is a fresh group of processes, so that each rank's peak resident set s
   Chimera (two stages per rank), with P the model's parameter bytes;
 - ``optimizer_state_bytes_per_rank``: bytes of the tensors in the optimizers' state after the steps;
 - ``peak_rss_above_baseline_bytes``: peak RSS minus the RSS once torch, Lightning and the package are
-  imported (before the model is built).
+  imported (before the model is built);
+- ``step_s``: wall time of the last training step (``torch-1f1b``: of the last schedule step), the
+  maximum over ranks.
 
 ``--big`` trains a GPT of >= 400M parameters with 1f1b and chimera on 4 processes (3 steps) and measures one
 DDP rank's bytes in one process (parameters, gradients and AdamW state of the whole model); it needs
 stage-local weights and about 16 GiB available (Chimera: 4 ranks x half the model's parameters, gradients and
 AdamW state), and refuses to start with less.
 
-    python benchmarks/pipeline_memory.py [--quick] [--json PATH] [--big]
+    python benchmarks/pipeline_memory.py [--quick] [--json PATH] [--big] [--runs A,B] [--batch B] [--steps S]
 """
 
 from __future__ import annotations
@@ -61,15 +69,18 @@ import lightning.pytorch as pl
 from lightning_parallel.models import GPTLanguageModel
 from lightning_parallel.pipeline.partition import partition_blocks, stage_slices
 from lightning_parallel.strategies.chimera import ChimeraStrategy
+from lightning_parallel.strategies.interlocking import InterlockingBackpropStrategy
 
 WORLD = 4
 STAGES = 4
 MICRO_BATCHES = 4
 VOCAB = 128
 BLOCK_SIZE = 64
-RUNS = ("one-process", "ddp", "1f1b", "chimera", "chimera-zb", "gpipe", "1f1b-eager", "torch-1f1b")
+RUNS = ("one-process", "ddp", "1f1b", "chimera", "chimera-zb", "gpipe", "1f1b-eager", "torch-1f1b", "1f1b-recompute",
+        "interlocking")
 BIG_RUNS = ("1f1b", "chimera")
-_IMPLS = {"one-process": "lightning", "ddp": "lightning.DDPStrategy", "torch-1f1b": "torch.distributed.pipelining"}
+_IMPLS = {"one-process": "lightning", "ddp": "lightning.DDPStrategy", "torch-1f1b": "torch.distributed.pipelining",
+          "interlocking": "lightning_parallel.InterlockingBackpropStrategy"}
 
 
 def _rss_peak_bytes() -> int:
@@ -108,8 +119,22 @@ def _optimizer_tensors(optimizers: Any) -> list[Tensor]:
     return [v for opt in optimizers for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)]
 
 
+class _StepTimer(pl.Callback):
+    """Wall time of each training step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
 # ----------------------------------------------------------------------------- one rank of one run
-def _trainer_run(run: str, config: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+def _trainer_run(run: str, config: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], float]:
     torch.manual_seed(0)
     stage_local = not config.get("full_module", False)
     pipeline = run not in ("one-process", "ddp")
@@ -120,23 +145,28 @@ def _trainer_run(run: str, config: dict[str, Any]) -> tuple[list[Tensor], list[T
         strategy, devices, batch = "auto", 1, config["batch"]
     elif run == "ddp":
         strategy, devices, batch = "ddp", WORLD, config["batch"] // WORLD
-    else:
-        schedule = run.removesuffix("-eager")
-        strategy = ChimeraStrategy(STAGES, MICRO_BATCHES, schedule=schedule, partition="parameters",  # type: ignore[arg-type]
-                                   stage_local=stage_local)
+    elif run == "interlocking":
+        strategy = InterlockingBackpropStrategy(k=2, stages=STAGES, micro_batches=MICRO_BATCHES, partition="parameters",
+                                                stage_local=stage_local)
         devices, batch = WORLD, config["batch"]
+    else:
+        schedule = run.removesuffix("-eager").removesuffix("-recompute")
+        strategy = ChimeraStrategy(STAGES, MICRO_BATCHES, schedule=schedule, partition="parameters",  # type: ignore[arg-type]
+                                   stage_local=stage_local, recompute=run.endswith("-recompute"))
+        devices, batch = WORLD, config["batch"]
+    timer = _StepTimer()
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=config["steps"], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
     trainer.fit(model, DataLoader(_data(config), batch_size=batch))
     params = list(model.parameters())
     if isinstance(strategy, ChimeraStrategy):
         params += [p for m in strategy.held_stage_modules.values() for p in m.parameters()]
-    return params, _optimizer_tensors(trainer.optimizers)
+    return params, _optimizer_tensors(trainer.optimizers), timer.times[-1]
 
 
-def _torch_run(rank: int, config: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+def _torch_run(rank: int, config: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], float]:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     torch.manual_seed(0)
@@ -157,7 +187,9 @@ def _torch_run(rank: int, config: dict[str, Any]) -> tuple[list[Tensor], list[Te
     schedule = Schedule1F1B(stage, n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
     optimizer = torch.optim.AdamW(stage_module.parameters(), lr=1e-3)
     data = _data(config)
+    step_s = 0.0
     for step in range(config["steps"]):
+        started = time.perf_counter()
         idx, targets = data[step * config["batch"] : (step + 1) * config["batch"]]
         optimizer.zero_grad(set_to_none=True)
         if rank == 0:
@@ -167,7 +199,8 @@ def _torch_run(rank: int, config: dict[str, Any]) -> tuple[list[Tensor], list[Te
         else:
             schedule.step()
         optimizer.step()
-    return list(stage_module.parameters()), _optimizer_tensors([optimizer])
+        step_s = time.perf_counter() - started
+    return list(stage_module.parameters()), _optimizer_tensors([optimizer]), step_s
 
 
 def _worker(rank: int, world: int, port: int, run: str, config: dict[str, Any], out_dir: str) -> None:
@@ -178,10 +211,11 @@ def _worker(rank: int, world: int, port: int, run: str, config: dict[str, Any], 
     baseline = _rss_peak_bytes()  # torch, Lightning and the package are imported; no model exists yet
     if run == "torch-1f1b":
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
-        params, state = _torch_run(rank, config)
+        params, state, step_s = _torch_run(rank, config)
     else:
-        params, state = _trainer_run(run, config)
+        params, state, step_s = _trainer_run(run, config)
     record = {
+        "step_s": step_s,
         "parameter_bytes": _tensor_bytes(params),
         "optimizer_state_bytes": _tensor_bytes(state),
         "peak_rss_above_baseline_bytes": _rss_peak_bytes() - baseline,
@@ -206,15 +240,34 @@ def measure(run: str, config: dict[str, Any]) -> dict[str, Any]:
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     total = model_parameter_bytes(config)
     per_rank = {"one-process": 1.0, "ddp": 1.0, "chimera": 2 / STAGES, "chimera-zb": 2 / STAGES}.get(run, 1 / STAGES)
+    extra = 4 * (config["n_embd"] + 1) * VOCAB if run == "interlocking" else 0  # one auxiliary head, fp32
     suffix = "" if run in ("one-process", "ddp", "torch-1f1b") or not config.get("full_module") else " (full module)"
     return {
         "run": run,
         "impl": _IMPLS.get(run, "lightning_parallel.ChimeraStrategy") + suffix,
         "stages": 1 if run in ("one-process", "ddp") else STAGES,
         "parameter_bytes_per_rank": max(r["parameter_bytes"] for r in ranks),
-        "ideal_parameter_bytes_per_rank": int(total * per_rank),
+        "ideal_parameter_bytes_per_rank": int(total * per_rank) + extra,
         "optimizer_state_bytes_per_rank": max(r["optimizer_state_bytes"] for r in ranks),
         "peak_rss_above_baseline_bytes": max(r["peak_rss_above_baseline_bytes"] for r in ranks),
+        "peak_rss_above_baseline_bytes_by_rank": [r["peak_rss_above_baseline_bytes"] for r in ranks],
+        "step_s": max(r["step_s"] for r in ranks),
+    }
+
+
+def recompute_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Activation memory saved by ``recompute=True`` under 1F1B and the time it costs (``1f1b`` against
+    ``1f1b-recompute``: the peak RSS difference of the rank that recomputes, and the step-time ratio)."""
+    by_run = {r["run"]: r for r in records}
+    plain, recomputed = by_run.get("1f1b"), by_run.get("1f1b-recompute")
+    if plain is None or recomputed is None:
+        return None
+    rank0 = plain["peak_rss_above_baseline_bytes_by_rank"][0] - recomputed["peak_rss_above_baseline_bytes_by_rank"][0]
+    return {
+        "recomputed_stages": [0],
+        "rank0_peak_rss_saved_bytes": rank0,
+        "max_rank_peak_rss_saved_bytes": plain["peak_rss_above_baseline_bytes"] - recomputed["peak_rss_above_baseline_bytes"],
+        "step_time_ratio": recomputed["step_s"] / plain["step_s"],
     }
 
 
@@ -250,10 +303,10 @@ def _available_gib() -> float:
 def _print(records: list[dict[str, Any]], title: str) -> None:
     mib = 2**20
     print(title)
-    print(f"{'run':<12}{'impl':<50}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
+    print(f"{'run':<16}{'impl':<50}{'params MiB':>11}{'ideal MiB':>10}{'x ideal':>8}{'optim MiB':>10}{'peak RSS MiB':>13}")
     for r in records:
         ratio = r["parameter_bytes_per_rank"] / r["ideal_parameter_bytes_per_rank"]
-        print(f"{r['run']:<12}{r['impl']:<50}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
+        print(f"{r['run']:<16}{r['impl']:<50}{r['parameter_bytes_per_rank'] / mib:>11.1f}"
               f"{r['ideal_parameter_bytes_per_rank'] / mib:>10.1f}{ratio:>8.2f}"
               f"{r['optimizer_state_bytes_per_rank'] / mib:>10.1f}{r['peak_rss_above_baseline_bytes'] / mib:>13.1f}")
 
@@ -265,9 +318,11 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also train a >= 400M-parameter GPT (needs ~12 GiB free)")
     parser.add_argument("--runs", type=str, default=",".join(RUNS), help="comma-separated subset of runs")
     parser.add_argument("--full-module", action="store_true", help="our runs with stage_local=False (the 'before')")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per batch (more: more activation memory)")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
     args = parser.parse_args()
-    config = {"n_layer": 8, "n_head": 8, "n_embd": 256 if args.quick else 512, "batch": 8, "steps": 2,
-              "full_module": args.full_module}
+    config = {"n_layer": 8, "n_head": 8, "n_embd": 256 if args.quick else 512, "batch": args.batch,
+              "steps": args.steps, "full_module": args.full_module}
     started = time.perf_counter()
     records = [measure(run, config) for run in args.runs.split(",")]
     params = model_parameter_bytes(config) // 4
@@ -275,6 +330,12 @@ def main() -> None:
                     f"AdamW, batch {config['batch']}x{BLOCK_SIZE}, {config['steps']} steps, D={STAGES}")
     out: dict[str, Any] = {"records": records, "config": {**config, "world": WORLD, "stages": STAGES,
                                                           "micro_batches": MICRO_BATCHES, "parameters": params}}
+    summary = recompute_summary(records)
+    if summary is not None:
+        out["recompute"] = summary
+        print(f"recompute=True under 1f1b: rank 0's peak RSS {summary['rank0_peak_rss_saved_bytes'] / 2**20:+.1f} MiB "
+              f"lower (max over ranks {summary['max_rank_peak_rss_saved_bytes'] / 2**20:+.1f} MiB), step time "
+              f"x{summary['step_time_ratio']:.2f}")
     if args.big:
         big = {"n_layer": 24, "n_head": 16, "n_embd": 1184, "batch": 4, "steps": 3, "full_module": False}
         free = _available_gib()

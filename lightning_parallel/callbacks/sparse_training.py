@@ -15,15 +15,16 @@ Design decisions:
 - Under DDP every rank holds the same weights and (after DDP's all-reduce) the same gradients, so the masked
   layers' decisions agree; RigL's dense gradient of the sparse layers is all-reduced (mean) block by block
   before ranking, and SET draws from a generator seeded identically on every rank.
-- Under :class:`~lightning_parallel.strategies.ChimeraStrategy` (masked execution): the engine is built over the
-  whole module in ``setup`` (the same initial masks as on one device), then, once the pipeline exists, cut
-  down to the layers of this rank's stages (:meth:`~lightning_parallel.strategies.ChimeraStrategy.trained_stages`),
-  rebound to the modules the rank trains (Chimera's second copy of a stage included). The two copies of a stage
-  get the same summed gradient and take the same step, so RigL's and SET's decisions on them agree; SET draws
-  the random numbers of the layers other ranks train too, so every held layer sees the random stream of one
-  engine over the whole model. Checkpoints gather every rank's masks (one ``all_gather_object``).
-  ``execution="sparse"`` is refused there: a rank would need the other ranks' sparse patterns to follow SET's
-  random stream, and RigL's dense gradient would have to be summed over both copies' micro-batches.
+- Under :class:`~lightning_parallel.strategies.ChimeraStrategy`: the engine is built over the whole module in
+  ``setup`` (the same initial masks as on one device), then, once the pipeline exists, cut down to the layers of
+  this rank's stages (:meth:`~lightning_parallel.strategies.ChimeraStrategy.trained_stages`), rebound to the
+  modules the rank trains (Chimera's second copy of a stage included). The two copies of a stage get the same
+  summed gradient and take the same step, so RigL's and SET's decisions on them agree; SET draws the random
+  numbers of the masked layers other ranks train too. In sparse execution (RigL, static) RigL's dense-gradient
+  blocks are summed over the stage's two copies (each saw half the micro-batches) and averaged over pipeline
+  replicas. Checkpoints gather every rank's masks and patterns (one ``all_gather_object``). Refused: SET in
+  sparse execution (its draws depend on the patterns other ranks hold) and sparse execution with
+  ``stage_local=True``.
 - Checkpoints: the callback's state holds the masks, the sparse patterns with their values and the random
   generator (resume is exact). With ``checkpoint_weights="dense"`` (default) the model's ``state_dict`` in the
   checkpoint has each sparse layer as a dense-with-zeros ``weight``, so ``load_from_checkpoint`` into the plain
@@ -145,6 +146,7 @@ class SparseTraining(Callback):
         self._stop_step = 0
         self._pending_state: dict[str, Any] | None = None
         self._pipeline_bound = False
+        self._sparse_reduce: dict[str, Any] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -159,10 +161,17 @@ class SparseTraining(Callback):
                 f"{type(strategy).__name__}. Use strategy='auto', 'ddp' or 'chimera' (local-learning strategies "
                 "are not supported yet)."
             )
-        if chimera and self.options["execution"] == "sparse":
+        if chimera and self.options["execution"] == "sparse" and getattr(strategy, "stage_local", False):
             raise ValueError(
-                "SparseTraining(execution='sparse') is not supported under ChimeraStrategy (each rank would need "
-                "the other ranks' sparse patterns); use execution='masked', or execution='sparse' under DDP."
+                "SparseTraining(execution='sparse') is not supported under ChimeraStrategy(stage_local=True) (the "
+                "stage-local state names every tensor of a stage, and a sparse layer's index structures have no "
+                "state-dict name); use stage_local=False or execution='masked'."
+            )
+        if chimera and self.options["execution"] == "sparse" and self.options["method"] == "set":
+            raise ValueError(
+                "SparseTraining('set', execution='sparse') is not supported under ChimeraStrategy (SET's random draws "
+                "for a sparse layer depend on its pattern, which only the ranks holding it know); use method='rigl' "
+                "or 'static', execution='masked', or SET in sparse execution under DDP."
             )
         if self.prune_neurons and trainer.world_size > 1:
             raise ValueError(
@@ -222,6 +231,7 @@ class SparseTraining(Callback):
         block_names = {id(m): n for n, m in pl_module.named_modules()}
         slices = stage_slices(sizes)
         located: dict[str, torch.nn.Module | torch.Tensor] = {}
+        stage_of: dict[str, int] = {}
         for (_, stage), module in held.items():
             inner = module.inner if isinstance(module, RecomputedStage) else module
             for position, block in enumerate(blocks[slices[stage]]):
@@ -229,9 +239,12 @@ class SparseTraining(Callback):
                 held_block = inner[position]  # type: ignore[index]
                 for name, layer in held_block.named_modules():
                     located[f"{prefix}.{name}" if name else prefix] = layer
+                    stage_of[f"{prefix}.{name}" if name else prefix] = stage
                 for name, param in held_block.named_parameters():
                     located.setdefault(f"{prefix}.{name}", param)
-        self.engine.keep_only({name: located[name] for name in self.engine.masks if name in located})
+        names = [*self.engine.masks, *self.engine.sparse]
+        self.engine.keep_only({name: located[name] for name in names if name in located})
+        self._sparse_reduce = _stage_reduces(strategy, {name: stage_of[name] for name in self.engine.sparse})
         self._pipeline_bound = True
 
     def _is_update_step(self, step: int) -> bool:
@@ -255,7 +268,8 @@ class SparseTraining(Callback):
             return
         step = trainer.global_step
         if self._is_update_step(step):
-            fraction = self.engine.update(step, stop_at=self._stop_step, optimizer=optimizer, reduce=_mean_reduce())
+            reduce = self._sparse_reduce if self._pipeline_bound else _mean_reduce()
+            fraction = self.engine.update(step, stop_at=self._stop_step, optimizer=optimizer, reduce=reduce)
             pl_module.log("sparse/drop_fraction", fraction, on_step=True, on_epoch=False)
         self.engine.mask_gradients()
 
@@ -284,10 +298,13 @@ class SparseTraining(Callback):
         state = self.engine.state_dict()
         if self._pipeline_bound and dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, state["masks"])  # each rank holds its stages' masks
-            for masks in gathered:
+            # each rank holds its stages' masks and patterns
+            dist.all_gather_object(gathered, (state["masks"], state["patterns"]))
+            for masks, patterns in gathered:
                 for name, mask in masks.items():
                     state["masks"].setdefault(name, mask)
+                for name, pattern in patterns.items():
+                    state["patterns"].setdefault(name, pattern)
         return state
 
     @override
@@ -322,6 +339,30 @@ def _mean_reduce() -> Any:
         return tensor.div_(world)
 
     return reduce
+
+
+def _stage_reduces(strategy: ChimeraStrategy, stages: dict[str, int]) -> dict[str, Any]:
+    """Per sparse layer: the sum of RigL's dense-gradient blocks over its stage's two Chimera copies (their
+    micro-batches together are the batch), then the mean over the pipeline replicas (collectives in layer order,
+    the same on every holder)."""
+    groups, schedule = strategy.pipeline_groups, strategy.pipeline_schedule
+    if groups is None or schedule is None:
+        raise RuntimeError("ChimeraStrategy reported its stages built but has no process groups.")
+    two_copies = schedule.replicas > 1
+    replicas = groups.data_parallel_size
+
+    def reduce_for(stage: int) -> Any:
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            if two_copies:
+                dist.all_reduce(tensor, group=groups.stage_groups[stage])  # both copies' micro-batches
+            if replicas > 1:
+                dist.all_reduce(tensor, group=groups.data_parallel_group)
+                tensor.div_(replicas)
+            return tensor
+
+        return reduce
+
+    return {name: reduce_for(stage) for name, stage in stages.items()}
 
 
 def _resize_before_loading(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -177,9 +177,9 @@ class PipelineStrategy(DDPStrategy):
                 f"{type(self).__name__} does not support stage_local=True; leave it False (every rank holds the model)."
             )
         self._requested_sharded = save_distributed_checkpoint
-        if stage_local is not None:
-            self._check_stage_local(stage_local, save_distributed_checkpoint)
         self.stage_local: bool | None = False if not self.supports_stage_local else stage_local
+        if self.stage_local is not None:
+            self._check_stage_local(self.stage_local, save_distributed_checkpoint)
         self.save_distributed_checkpoint = bool(self.stage_local) if save_distributed_checkpoint is None else save_distributed_checkpoint
         self._stage_local: StageLocalState | None = None
         self._sharded_resume: str | None = None

@@ -29,8 +29,13 @@ STEPS = 8
 OPTIONS: dict[str, Any] = dict(
     sparsity=0.8, distribution="uniform", update_interval=2, stop_at=7, drop_fraction=0.5, seed=3
 )
-CASES = [("rigl", False, "chimera"), ("set", True, "chimera"), ("set", False, "chimera"), ("rigl", True, "chimera"),
-         ("set", True, "1f1b")]  # 1F1B: one holder per stage, so a rank draws SET's numbers of the others' layers
+CASES = [  # (method, stage_local, schedule, execution)
+    ("rigl", False, "chimera", "masked"), ("set", True, "chimera", "masked"), ("set", False, "chimera", "masked"),
+    ("rigl", True, "chimera", "masked"),
+    ("set", True, "1f1b", "masked"),  # 1F1B: one holder per stage, so a rank draws SET's numbers of the others' layers
+    ("rigl", False, "chimera", "sparse"),  # RigL's dense gradient summed over both copies' micro-batches
+    ("rigl", False, "1f1b", "sparse"),  # a rank holds one stage: the other sparse layers are dropped
+]
 
 
 def _model(stages: int) -> MLPClassifier:
@@ -54,15 +59,20 @@ def _trainer(devices: int, strategy: Any, callback: SparseTraining, root: str, *
 
 
 def _masks(callback: SparseTraining) -> dict[str, list[int]]:
+    """Active positions of every layer this rank holds: masked layers' masks, sparse layers' patterns."""
     assert callback.engine is not None
-    return {name: mask.flatten().nonzero().squeeze(1).tolist() for name, mask in callback.engine.masks.items()}
+    out = {name: mask.flatten().nonzero().squeeze(1).tolist() for name, mask in callback.engine.masks.items()}
+    out.update({name: layer.indices.tolist() for name, layer in callback.engine.sparse.items()})
+    return out
 
 
-def _run(world_size: int, method: str, stage_local: bool, root: str, schedule: str = "chimera") -> dict[str, Any]:
+def _run(
+    world_size: int, method: str, stage_local: bool, root: str, schedule: str, execution: str
+) -> dict[str, Any]:
     stages = world_size
     model = _model(stages)
     strategy = ChimeraStrategy(stages, 2 * stages, schedule=schedule, stage_local=stage_local)  # type: ignore[arg-type]
-    callback = SparseTraining(method, **OPTIONS)
+    callback = SparseTraining(method, execution=execution, **OPTIONS)  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(world_size, strategy, callback, root).fit(model, _data())
@@ -101,15 +111,17 @@ def _resume(world_size: int, root: str) -> dict[str, Any]:
 
 def _worker(rank: int, world_size: int, root: str, resume: bool) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
-    out: dict[str, Any] = {f"{m}-{s}-{k}": _run(world_size, m, s, root, k) for m, s, k in CASES}
+    out: dict[str, Any] = {"-".join(map(str, case)): _run(world_size, *case[:2], root, *case[2:]) for case in CASES}
     if resume:
         out["resume"] = _resume(world_size, root)
     return out
 
 
-def _reference(stages: int, method: str, root: Path) -> tuple[dict[str, list[int]], list[torch.Tensor], Any]:
+def _reference(
+    stages: int, method: str, root: Path, execution: str = "masked"
+) -> tuple[dict[str, list[int]], list[torch.Tensor], Any]:
     model = _model(stages)
-    callback = SparseTraining(method, **OPTIONS)
+    callback = SparseTraining(method, execution=execution, **OPTIONS)  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(1, "auto", callback, str(root)).fit(model, _data())
@@ -117,8 +129,9 @@ def _reference(stages: int, method: str, root: Path) -> tuple[dict[str, list[int
 
 
 def _check(results: list[dict[str, Any]], stages: int, root: Path) -> None:
-    for name, run_names in [(f"{m}-{s}-{k}", m) for m, s, k in CASES]:
-        masks, blocks, model = _reference(stages, run_names, root)
+    for case in CASES:
+        name, run_names, execution = "-".join(map(str, case)), case[0], case[3]
+        masks, blocks, model = _reference(stages, run_names, root, execution)
         engine_options = {k: v for k, v in OPTIONS.items() if k not in ("update_interval", "stop_at")}
         initial = SparseEngine(_model(stages), method=run_names, **engine_options).masks
         changed = [n for n, v in initial.items() if v.flatten().nonzero().squeeze(1).tolist() != masks[n]]
@@ -135,7 +148,7 @@ def _check(results: list[dict[str, Any]], stages: int, root: Path) -> None:
                 reference = list(torch.nn.Sequential(*blocks[slices[stage]]).parameters())
                 for got, ref in zip(params, reference, strict=True):
                     worst = max(worst, float((torch.tensor(got) - ref.detach()).abs().max()))
-        copies = 1 if name.endswith("1f1b") else 2  # Chimera: two ranks hold (and update) each stage's masks
+        copies = 1 if "1f1b" in name else 2  # Chimera: two ranks hold (and update) each stage's masks
         assert holders == {layer: copies for layer in masks}, f"{name}: holders {holders}"
         assert worst < 1e-5, f"{name}: max |pipeline - single device| = {worst:.2e}"
         del model

@@ -54,11 +54,15 @@ _STRATEGIES = {
         "\n    class_path: lightning_parallel.strategies.InterlockingBackpropStrategy"
         "\n    init_args: {{stages: {devices}, micro_batches: 4, k: 1, timeout_s: 60}}"
     ),
+    "auxnet": (
+        "\n    class_path: lightning_parallel.strategies.AuxNetStrategy"
+        "\n    init_args: {{stages: {devices}, micro_batches: 4, timeout_s: 60}}"
+    ),
 }
 
 
 def run_config(strategy: str, *, devices: int = 2, **fields: object) -> str:
-    """The config of a real run: ``DDP_KFAC_CONFIG`` for ``"ddp"``; for ``"chimera"`` / ``"interlocking"`` the same
+    """The config of a real run: ``DDP_KFAC_CONFIG`` for ``"ddp"``; for ``"chimera"`` / ``"interlocking"`` / ``"auxnet"`` the same
     MLP (4 blocks) and data under that pipeline strategy, without DPKFAC. ``fields``: max_steps, root, marks,
     sleep_s."""
     text = DDP_KFAC_CONFIG.format(**fields).replace("devices: 2", f"devices: {devices}")
