@@ -9,10 +9,14 @@
     stage and micro-batch) and ``aux_steps`` auxiliary forward+backward passes. Stage work per micro-batch:
     stage 0 two units (forward, weight gradient), the others three (plus the input gradient that trains the
     auxiliary network), as many as end-to-end backprop. Efficiency = the busiest rank's work (refits included)
-    / measured step time. AuxNet runs at the strategy's default refit interval (10) and refitting every step.
+    / measured step time. Per rank and step it also reports the seconds blocked in receives and in refits.
+    AuxNet variants (``--throughput-methods``, ``--methods``): ``auxnet@INTERVAL`` refits every INTERVAL steps
+    (10 is the strategy's default, 0 never); ``+true`` adds ``true_input_loss``, ``+constant`` sets
+    ``stage_input_gradient=False`` (the stages >= 1 then do two units, no input gradient), ``+rhoR`` sets rho.
 (b) Accuracy: the interlocking benchmark's ladder (4-stage GroupNorm ResNet, channels 4/8/16/32, native 8x8
     digits, batch 64, Adam lr 3e-3, 15 epochs, single-process runtimes in a plain torch loop) for k=1, k=2,
-    end-to-end (k=4) and AuxNet (default options: penalty, rho 10, aux_lr 3e-3, 1 refit step), over seeds;
+    end-to-end (k=4) and AuxNet (default options: penalty, rho 10, aux_lr 3e-3, 1 refit step, and the variants
+    above), over seeds;
     mean validation accuracy of the model's own end-to-end output with a 95% bootstrap interval, and AuxNet's
     place between k=1 (0) and end-to-end (1) with a paired bootstrap interval.
 
@@ -71,10 +75,43 @@ def aux_flop_ratio() -> list[float]:
     return ratios
 
 
+# ----------------------------------------------------------------------------------------- variants
+_FLAGS = {"true": ("true_input_loss", True), "constant": ("stage_input_gradient", False)}
+
+
+def auxnet_variant(kind: str) -> tuple[int, dict[str, Any]]:
+    """``auxnet@INTERVAL[+true][+constant][+rhoR]`` -> (refit interval, further AuxNetOptions).
+
+    ``+true``: ``true_input_loss=True``; ``+constant``: ``stage_input_gradient=False``; ``+rhoR``: ``rho=R``.
+    """
+    interval, *flags = kind.split("@")[1].split("+")
+    options: dict[str, Any] = {}
+    for flag in flags:
+        if flag.startswith("rho"):
+            options["rho"] = float(flag[3:])
+        else:
+            name, value = _FLAGS[flag]
+            options[name] = value
+    return int(interval), options
+
+
+def variant_name(kind: str) -> str:
+    """The JSON ``method`` of an AuxNet kind, e.g. ``auxnet_refit_every_step_true_input_loss``."""
+    interval, options = auxnet_variant(kind)
+    name = {10: "auxnet", 1: "auxnet_refit_every_step", 0: "auxnet_never_refit"}.get(interval, f"auxnet_refit{interval}")
+    if options.get("true_input_loss"):
+        name += "_true_input_loss"
+    if options.get("stage_input_gradient") is False:
+        name += "_constant_inputs"
+    if "rho" in options:
+        name += f"_rho{options['rho']:g}"
+    return name
+
+
 # ----------------------------------------------------------------------------------------- throughput
 def _auxnet_measure(
-    rank: int, world: int, unit: float, aux_ratio: float, interval: int, steps: int, warmup: int
-) -> tuple[float, float, int, int]:
+    rank: int, world: int, unit: float, aux_ratio: float, kind: str, steps: int, warmup: int
+) -> tuple[float, float, int, int, dict[str, list[float]]]:
     """Seconds for ``steps`` timed steps (slowest rank), ideal seconds per step, samples, bytes per step (max)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -87,7 +124,8 @@ def _auxnet_measure(
     ]
     blocks = [nn.Linear(FEATURES, FEATURES) for _ in range(world)]
     aux_nets = [nn.Linear(FEATURES, FEATURES) for _ in range(world - 1)]
-    options = AuxNetOptions(aux_update_interval=interval)
+    interval, extra = auxnet_variant(kind)
+    options = AuxNetOptions(aux_update_interval=interval, **extra)
     runtime = AuxNetRuntime(
         blocks,
         aux_nets,
@@ -102,6 +140,17 @@ def _auxnet_measure(
     )
     params = [*blocks[rank].parameters(), *(aux_nets[rank - 1].parameters() if rank > 0 else [])]
     optimizer = torch.optim.SGD(params, lr=0.01)
+    refit_seconds = [0.0]
+    refit = runtime.refit
+
+    def timed_refit(micro_batches: Any) -> dict[int, float]:
+        begin = time.perf_counter()
+        try:
+            return refit(micro_batches)
+        finally:
+            refit_seconds[0] += time.perf_counter() - begin
+
+    runtime.refit = timed_refit  # type: ignore[method-assign]
 
     def step(batch: Any) -> int:
         optimizer.zero_grad(set_to_none=True)
@@ -113,18 +162,25 @@ def _auxnet_measure(
         step(batch)
     runtime.finish()
     dist.barrier()
+    refit_seconds[0], runtime.messenger.wait_seconds = 0.0, 0.0
     start = time.perf_counter()
     sent = max(step(batch) for batch in batches[warmup:])
     runtime.finish()
     elapsed = torch.tensor(time.perf_counter() - start)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    # per rank: seconds blocked in receives (refit receives included) and seconds in refits
+    mine = torch.tensor([runtime.messenger.wait_seconds, refit_seconds[0]])
+    spent = [torch.zeros(2) for _ in range(world)]
+    dist.all_gather(spent, mine)
     dist.barrier()
-    # the busiest rank (any stage >= 1): 3 units + an aux forward and backward per micro-batch, and per refit
-    # one forward unit per micro-batch plus aux_steps aux forward+backward passes
-    per_step = MICRO * (3 + 2 * aux_ratio)
+    # the busiest rank (any stage >= 1): 3 units (2 without the input gradient) + an aux forward and backward
+    # per micro-batch, and per refit one forward unit per micro-batch plus aux_steps aux forward+backward
+    # passes (the last stage: one weight-gradient unit more with the true-input loss)
+    per_step = MICRO * ((3 if options.stage_input_gradient else 2) + 2 * aux_ratio)
     if interval:
-        per_step += MICRO * (1 + options.aux_steps * 2 * aux_ratio) / interval
-    return float(elapsed), per_step * unit, steps * MICRO * SIZE, sent
+        per_step += MICRO * (1 + options.aux_steps * 2 * aux_ratio + options.true_input_loss) / interval
+    waits = {"wait_seconds_per_rank": [float(t[0]) for t in spent], "refit_seconds_per_rank": [float(t[1]) for t in spent]}
+    return float(elapsed), per_step * unit, steps * MICRO * SIZE, sent, waits
 
 
 def _worker(
@@ -136,10 +192,9 @@ def _worker(
     try:
         for kind, unit in jobs:
             if kind.startswith("auxnet"):
-                interval = int(kind.split("@")[1])
-                result: tuple[Any, ...] = _auxnet_measure(rank, world, unit, aux_ratio, interval, steps, 2)
+                result: tuple[Any, ...] = _auxnet_measure(rank, world, unit, aux_ratio, kind, steps, 2)
             else:
-                result = (*base._measure(rank, world, kind, unit, steps, 2), 0)
+                result = (*base._measure(rank, world, kind, unit, steps, 2), 0, {})
             if rank == 0:
                 out.put((kind, unit, *result))
     finally:
@@ -160,9 +215,10 @@ def throughput(jobs: list[tuple[str, float]], aux_ratio: float, steps: int) -> l
         proc.start()
     rows = []
     for _ in jobs:
-        kind, unit, elapsed, ideal, samples, sent = out.get(timeout=900)
+        kind, unit, elapsed, ideal, samples, sent, waits = out.get(timeout=900)
         rows.append(
             {
+                **{k: [round(t / steps, 4) for t in v] for k, v in waits.items()},  # seconds per step
                 "kind": kind,
                 "samples_per_second": samples / elapsed,
                 "efficiency": ideal * steps / elapsed,
@@ -177,7 +233,9 @@ def throughput(jobs: list[tuple[str, float]], aux_ratio: float, steps: int) -> l
 
 
 # ----------------------------------------------------------------------------------------- accuracy
-def train_auxnet(seed: int, epochs: int, lr: float, data: tuple[torch.Tensor, ...], interval: int) -> float:
+def train_auxnet(
+    seed: int, epochs: int, lr: float, data: tuple[torch.Tensor, ...], interval: int, **options: Any
+) -> float:
     """Validation accuracy of the model's end-to-end output after AuxNet training (the ladder's loop)."""
     from lightning_parallel.models import ResNetClassifier
 
@@ -190,7 +248,7 @@ def train_auxnet(seed: int, epochs: int, lr: float, data: tuple[torch.Tensor, ..
         aux_nets,
         model.pipeline_input,
         model.pipeline_loss,
-        AuxNetOptions(aux_update_interval=interval),
+        AuxNetOptions(aux_update_interval=interval, **options),
     )
     optimizer = torch.optim.Adam([*model.parameters(), *(p for a in aux_nets for p in a.parameters())], lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -212,7 +270,8 @@ def _accuracy_job(job: tuple[str, int, int, float]) -> tuple[str, int, float]:
     method, seed, epochs, lr = job
     data = base._digits()
     if method.startswith("auxnet"):
-        return method, seed, train_auxnet(seed, epochs, lr, data, int(method.split("@")[1]))
+        interval, options = auxnet_variant(method)
+        return method, seed, train_auxnet(seed, epochs, lr, data, interval, **options)
     return method, seed, base.train_one(method if method == "e2e" else int(method), seed, epochs, lr, data)
 
 
@@ -240,14 +299,19 @@ def place_between(
 
 
 # ----------------------------------------------------------------------------------------- main
-METHODS = {  # kind -> (method, k) of the JSON records
-    "auxnet@10": ("auxnet", None),
-    "auxnet@1": ("auxnet_refit_every_step", None),
-    "auxnet@0": ("auxnet_never_refit", None),
+METHODS = {  # kind -> (method, k) of the JSON records; AuxNet kinds are named by variant_name
     "1": ("interlocking", 1),
     "2": ("interlocking", 2),
     "e2e": ("end_to_end_1f1b", "e2e"),
 }
+THROUGHPUT_KINDS = ["auxnet@10", "auxnet@1", "auxnet@0", "auxnet@10+constant", "auxnet@1+true", "1", "2", "e2e"]
+ACCURACY_KINDS = ["1", "2", "e2e", "auxnet@10", "auxnet@1", "auxnet@1+true"]
+QUICK_THROUGHPUT_KINDS = ["auxnet@10", "auxnet@10+constant", "1", "2", "e2e"]
+QUICK_ACCURACY_KINDS = ["1", "2", "e2e", "auxnet@10", "auxnet@1+true"]
+
+
+def _record_of(kind: str) -> tuple[str, Any]:
+    return (variant_name(kind), None) if kind.startswith("auxnet") else METHODS[kind]
 
 
 def main() -> None:
@@ -255,7 +319,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="2 seeds x 3 epochs, 10 timed steps at 50 ms units"
+        "--quick", action="store_true",
+        help="2 seeds x 3 epochs, fewer AuxNet variants (QUICK_*_KINDS)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
     parser.add_argument("--seeds", type=int, default=None, help="default 10 (2 with --quick)")
@@ -269,44 +334,62 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["1", "2", "e2e", "auxnet@10", "auxnet@1"],
-        help="accuracy runs: interlocking widths (1, 2), e2e, auxnet@INTERVAL (refit interval); place needs 1 and e2e",
+        default=None,
+        help="accuracy runs: interlocking widths (1, 2), e2e, auxnet@INTERVAL[+true][+constant][+rhoR] (refit "
+        "interval, true_input_loss, stage_input_gradient=False, rho); place needs 1 and e2e",
+    )
+    parser.add_argument(
+        "--throughput-methods", nargs="+", default=None, help=f"as --methods; default {THROUGHPUT_KINDS}"
     )
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 10)
     epochs = args.epochs or (3 if args.quick else 15)
-    steps = args.steps or 10
+    steps = args.steps or 10  # 2 warm-up steps, then steps 2-11: one refit at the default interval
+    if args.methods is None:
+        args.methods = QUICK_ACCURACY_KINDS if args.quick else ACCURACY_KINDS
+    if args.throughput_methods is None:
+        args.throughput_methods = QUICK_THROUGHPUT_KINDS if args.quick else THROUGHPUT_KINDS
     started = time.perf_counter()
     ratios = aux_flop_ratio()
     aux_ratio = sum(ratios) / len(ratios)
     print(f"default auxiliary network FLOPs / stage FLOPs on the ladder: {[round(r, 3) for r in ratios]}")
+    kinds_run = list(dict.fromkeys([*args.throughput_methods, *args.methods]))
     records: dict[str, dict[str, Any]] = {
-        kind: {"method": method, "k": k, "samples_per_second": None, "efficiency": None, "val_accuracy": None}
-        for kind, (method, k) in METHODS.items()
+        kind: {
+            "method": method, "k": k, "samples_per_second": None, "efficiency": None, "val_accuracy": None,
+            "seeds": None,
+        }
+        for kind, (method, k) in ((kind, _record_of(kind)) for kind in kinds_run)
     }
     load = os.getloadavg()[0]
     if not args.skip_throughput:
-        rows = throughput([(kind, args.unit) for kind in METHODS], aux_ratio, steps)
+        rows = throughput([(kind, args.unit) for kind in args.throughput_methods], aux_ratio, steps)
         e2e = next(r for r in rows if r["kind"] == "e2e")["samples_per_second"]
         print(
             f"\nthroughput: 4 stages, 4 micro-batches/step, unit {args.unit * 1000:.0f} ms, {steps} timed steps"
         )
-        print(f"{'method':>24} {'samples/s':>10} {'vs 1F1B':>8} {'efficiency':>11} {'bytes/step r0':>14}")
+        print(f"{'method':>40} {'samples/s':>10} {'vs 1F1B':>8} {'efficiency':>11} {'bytes/step r0':>14}")
         for r in rows:
             rec = records[r["kind"]]
             rec.update(
                 {
                     k: r[k]
-                    for k in ("samples_per_second", "efficiency", "step_seconds", "bytes_per_step_rank0")
+                    for k in (
+                        "samples_per_second", "efficiency", "step_seconds", "bytes_per_step_rank0",
+                        "wait_seconds_per_rank", "refit_seconds_per_rank",
+                    )
+                    if k in r
                 }
             )
             rec["speedup_vs_e2e_1f1b"] = r["samples_per_second"] / e2e
             name = f"{rec['method']}" + (f" k={rec['k']}" if rec["method"] == "interlocking" else "")
             print(
-                f"{name:>24} {r['samples_per_second']:>10.1f} {rec['speedup_vs_e2e_1f1b']:>7.2f}x "
+                f"{name:>40} {r['samples_per_second']:>10.1f} {rec['speedup_vs_e2e_1f1b']:>7.2f}x "
                 f"{r['efficiency']:>11.3f} {r['bytes_per_step_rank0']:>14}"
+                + (f"  wait/step per rank {r['wait_seconds_per_rank']}  refit/step {r['refit_seconds_per_rank']}"
+                   if "wait_seconds_per_rank" in r else "")
             )
     if not args.skip_accuracy:
         kinds = list(args.methods)
@@ -321,7 +404,7 @@ def main() -> None:
             for kind in kinds
         }
         print(f"\naccuracy: GroupNorm ResNet {list(base.WIDTHS)}, digits 8x8, {epochs} epochs, {seeds} seeds")
-        print(f"{'method':>24} {'val acc':>8} {'95% bootstrap':>18} {'between k=1 (0) and e2e (1)':>30}")
+        print(f"{'method':>40} {'val acc':>8} {'95% bootstrap':>18} {'between k=1 (0) and e2e (1)':>30}")
         for kind in kinds:
             rec = records[kind]
             rec.update(
@@ -337,7 +420,7 @@ def main() -> None:
                 place = f"{share:>8.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
             lo, hi = rec["val_accuracy_ci95"]
             name = f"{rec['method']}" + (f" k={rec['k']}" if rec["method"] == "interlocking" else "")
-            print(f"{name:>24} {rec['val_accuracy']:>8.4f}   [{lo:.4f}, {hi:.4f}] {place:>30}")
+            print(f"{name:>40} {rec['val_accuracy']:>8.4f}   [{lo:.4f}, {hi:.4f}] {place:>30}")
     result = {
         "records": list(records.values()),
         "aux_flop_ratio": ratios,

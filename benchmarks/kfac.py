@@ -21,6 +21,8 @@ and per-step overhead.
 (d) ``time_to_target``: seconds and steps to a loss target for SGD, AdamW, Muon, SOAP and K-FAC on
     the autoencoder, the CNN and a small GPT, every run interleaved in one process (see
     ``kfac_time_to_target.py``).
+(e) ``step_cost``: ms per plain, factor-update and decomposition step of K-FAC settings against
+    AdamW and SGD, interleaved in one process (see ``kfac_step_cost.py``).
 
 The training loops call ``KFACPreconditioner.step`` directly, which is what the ``DPKFAC``
 callback does in ``on_before_optimizer_step``.
@@ -110,6 +112,22 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 
 
+def train_step(
+    spec: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    kfac: KFACPreconditioner | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """One training step of a task: backward, K-FAC (when given), the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    spec["loss"](model(x), x, y).backward()
+    if kfac is not None:
+        kfac.step(optimizer)
+    optimizer.step()
+
+
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -152,11 +170,7 @@ def steps_to_target(
         idx = order[cursor : cursor + spec["batch"]]
         cursor += spec["batch"]
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        spec["loss"](model(x[idx]), x[idx], y[idx]).backward()
-        if kfac is not None:
-            kfac.step(optimizer)
-        optimizer.step()
+        train_step(spec, model, optimizer, kfac, x[idx], y[idx])
         seconds += time.perf_counter() - start
         if step % eval_every == 0:
             with torch.no_grad():
@@ -380,11 +394,7 @@ def paired_step_times(
         idx = torch.arange(step * b, (step + 1) * b) % len(y)
         for k, (model, optimizer, kfac) in enumerate(runs):
             start, start_cpu = time.perf_counter(), time.process_time()
-            optimizer.zero_grad(set_to_none=True)
-            spec["loss"](model(x[idx]), x[idx], y[idx]).backward()
-            if kfac is not None:
-                kfac.step(optimizer)
-            optimizer.step()
+            train_step(spec, model, optimizer, kfac, x[idx], y[idx])
             wall[k] += time.perf_counter() - start
             cpu[k] += time.process_time() - start_cpu
     kfac = runs[1][2]
@@ -445,13 +455,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
         "--parts",
-        default="convergence,distributed,overhead,time_to_target",
+        default="convergence,distributed,overhead,time_to_target,step_cost",
         help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     parts = args.parts.split(",")
     out: dict[str, Any] = {"load_average": os.getloadavg()[0], "quick": args.quick}
+    from kfac_step_cost import step_cost
     from kfac_time_to_target import time_to_target
 
     funcs: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
@@ -459,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "distributed": distributed,
         "overhead": overhead,
         "time_to_target": time_to_target,
+        "step_cost": step_cost,
     }
     for part in parts:
         print(f"[{part}]", flush=True)
@@ -486,6 +498,10 @@ def print_tables(out: dict[str, Any]) -> None:
         from kfac_time_to_target import print_rows
 
         print_rows(out["time_to_target"])
+    if out.get("step_cost"):
+        from kfac_step_cost import print_rows as print_step_cost
+
+        print_step_cost(out["step_cost"])
     for row in out.get("overhead", []):
         print(
             f"overhead {row['task']:12s} {row['method']:8s} {row['fisher']:12s}"

@@ -16,8 +16,10 @@ timed from ``zero_grad`` to the end of ``optimizer.step`` (wall time); evaluatio
   parameter (biases, norms, embeddings, convolution kernels, the output layer), as its docs say.
 - ``soap``: SOAP from ``pytorch-optimizer`` (the ``bench`` extra), ``precondition_frequency=10``.
 - ``dpkfac``: ``KFACPreconditioner`` (what the ``DPKFAC`` callback calls) on SGD with momentum;
-  a setting is ``(lr, damping, kl_clip, factor_update_steps, inv_update_steps, fisher,
-  factor_subsample)``.
+  a setting is ``(lr, damping, kl_clip, factor_update_steps, inv_update_steps, fisher)`` plus any
+  other ``KFACOptions`` field (``factor_subsample``, ``position_subsample``, ``factor_rank``,
+  ``stagger_decompositions``, ...); the grids hold the previous code's points next to the new
+  options', so each is measured side by side in the same race.
 
 ``best_setting`` is the grid point with the fewest seconds to target (median over seeds).
 """
@@ -227,6 +229,9 @@ def grids(quick: bool) -> dict[str, dict[str, list[tuple[Any, ...]]]]:
                 kfac(0.3, 0.1, 0.01, 20, 200, "sampled"),
                 kfac(0.5, 0.1, 0.02, 10, 100, "sampled"),
                 kfac(0.3, 0.1, 0.01, 10, 100, "sampled", method="inverse"),
+                # the cheaper steps of this branch, side by side with the points above
+                kfac(0.3, 0.1, 0.01, 10, 100, "sampled", stagger_decompositions=True),
+                kfac(0.3, 0.1, 0.01, 10, 100, "sampled", factor_rank=64),
             ],
         },
         "cnn": {
@@ -241,6 +246,11 @@ def grids(quick: bool) -> dict[str, dict[str, list[tuple[Any, ...]]]]:
                 # the 512-input Linear (index 6) is most of the preconditioning cost: left to SGD
                 kfac(0.3, 0.03, 0.001, 5, 50, factor_subsample=2, skip_layers=("^6$",)),
                 kfac(0.5, 0.03, 0.001, 5, 50, factor_subsample=2, skip_layers=("^6$",)),
+                # truncated eigenbases: the 513-input Linear preconditioned at 4x fewer multiply-adds
+                kfac(0.3, 0.03, 0.001, 5, 50, factor_subsample=2, factor_rank=32),
+                kfac(0.3, 0.03, 0.001, 5, 50, "sampled", factor_subsample=2, factor_rank=32),
+                kfac(0.3, 0.03, 0.001, 5, 50, factor_subsample=2, position_subsample=2, factor_rank=32),
+                kfac(0.3, 0.03, 0.001, 5, 50, factor_subsample=2, factor_rank=16),
             ],
         },
         "gpt": {
@@ -251,6 +261,8 @@ def grids(quick: bool) -> dict[str, dict[str, list[tuple[Any, ...]]]]:
             "dpkfac": [
                 kfac(0.3, 0.03, 0.001, 10, 100),
                 kfac(0.3, 0.01, 0.001, 10, 100, factor_subsample=2),
+                kfac(0.3, 0.03, 0.001, 10, 100, position_subsample=2),
+                kfac(0.3, 0.03, 0.001, 10, 100, position_subsample=2, factor_rank=32),
             ],
         },
     }
@@ -259,8 +271,8 @@ def grids(quick: bool) -> dict[str, dict[str, list[tuple[Any, ...]]]]:
     # quick: the two best points of the full run per optimizer (see RESULTS.md)
     best = {
         "autoencoder": {"sgd": [0, 1], "adamw": [0, 1], "muon": [0, 1], "soap": [1, 2], "dpkfac": [1, 4]},
-        "cnn": {"sgd": [0, 1], "adamw": [1, 2], "muon": [1, 2], "soap": [1, 2], "dpkfac": [2, 4]},
-        "gpt": {"sgd": [0], "adamw": [0], "muon": [1], "soap": [1], "dpkfac": [0]},
+        "cnn": {"sgd": [0, 1], "adamw": [1, 2], "muon": [1, 2], "soap": [1, 2], "dpkfac": [2, 5, 6]},
+        "gpt": {"sgd": [0], "adamw": [0], "muon": [1], "soap": [1], "dpkfac": [0, 2]},
     }
     return {task: {name: [grid[i] for i in best[task][name]] for name, grid in g.items()} for task, g in full.items()}
 
@@ -328,17 +340,22 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f" load={r['load_average']} cpu_share={r['cpu_share']}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller grids, one seed")
+def cli(argv: list[str] | None, doc: str, part: str, func: Any, printer: Any, tasks: str) -> None:
+    """The command line of a benchmark part: ``--quick``, ``--json PATH``, ``--tasks a,b``; one thread."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick mode (see the module docstring)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--tasks", default="autoencoder,cnn,gpt")
+    parser.add_argument("--tasks", default=tasks)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = time_to_target(args.quick, tuple(args.tasks.split(",")))
-    print_rows(rows)
+    rows = func(args.quick, tuple(args.tasks.split(",")))
+    printer(rows)
     if args.json is not None:
-        args.json.write_text(json.dumps({"time_to_target": rows, "quick": args.quick}, indent=2))
+        args.json.write_text(json.dumps({part: rows, "quick": args.quick}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv, __doc__ or "", "time_to_target", time_to_target, print_rows, "autoencoder,cnn,gpt")
 
 
 if __name__ == "__main__":

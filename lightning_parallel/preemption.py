@@ -13,12 +13,17 @@ Design decisions:
   completed step together and leave.
 - The exit status is ``128 + signal`` (143 for SIGTERM), the shell's convention for "killed by a signal",
   so a scheduler does not read a preempted run as finished; 0 only when the job was requeued.
+- :meth:`SignalFlag.agreed_late` is the same agreement without a wait for this step's collective: it posts
+  the step's all-reduce asynchronously and reads the previous step's, so every rank still learns the signal
+  at the same step (one step later), and a strategy without a flush between steps (interlocking, AuxNet)
+  keeps its ranks from waiting for each other at every step boundary.
 - The pipeline strategies and the DDP callback share this module; the Lightning side is
   :class:`~lightning_parallel.callbacks.PreemptionCheckpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -27,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from lightning_parallel.peers import peer_failure
 
 __all__ = ["SignalFlag", "exit_status"]
 
@@ -52,6 +59,7 @@ class SignalFlag:
         self.forward = forward
         self.received: int | None = None  # the first signal number seen
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
     def install(self) -> bool:
         """Sets the handlers (main thread only, as Python requires); whether they were set."""
@@ -79,6 +87,40 @@ class SignalFlag:
         if first and self.forward is not None:
             self.forward(signum)
 
+    def _distributed(self, group: Any) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+    def agreed_late(self, group: Any = None, device: torch.device | None = None) -> int | None:
+        """:meth:`agreed` one step late: the previous call's agreement; this call's all-reduce is not waited for.
+
+        The first call returns ``None`` (with several processes). Every rank of the group must call it at the
+        same point (once per step); all of them get the same answer at the same call.
+
+        Args:
+            group: the process group, default the world.
+            device: where the 4-byte flag lives.
+        """
+        if not self._distributed(group):
+            return self.received
+        local = 0 if self.received is None else self.received
+        flag = torch.tensor([local], dtype=torch.int32, device=device or torch.device("cpu"))
+        try:
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
+            previous, self._pending = self._pending, (work, flag)
+            if previous is None:
+                return None
+            previous[0].wait()
+        except RuntimeError as error:
+            raise peer_failure(error, "agreeing on the preemption flag after a step") from error
+        return int(previous[1].item()) or None
+
+    def settle(self) -> None:
+        """Waits for the last :meth:`agreed_late` all-reduce (errors ignored: a peer may be gone)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(RuntimeError):
+                pending[0].wait()
+
     def agreed(self, group: Any = None, device: torch.device | None = None) -> int | None:
         """The signal number if any rank of ``group`` received one, else ``None`` (a collective when distributed).
 
@@ -89,9 +131,12 @@ class SignalFlag:
             device: where the 4-byte flag lives (the backend's device: CPU for gloo, the GPU for NCCL).
         """
         local = 0 if self.received is None else self.received
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if not self._distributed(group):
             return self.received
         flag = torch.tensor([local], dtype=torch.int32, device=device or torch.device("cpu"))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        except RuntimeError as error:
+            raise peer_failure(error, "agreeing on the preemption flag after a step") from error
         value = int(flag.item())
         return value or None

@@ -26,6 +26,16 @@ class AuxNetOptions:
         aux_lr: learning rate of the refits' Adam optimizer (one per stage). Default 3e-3.
         oracle: replace the auxiliary networks by the true prefix of the model: stage ``s`` waits for stage
             ``s - 1``'s output and trains on it (serial; for tests). Default False.
+        stage_input_gradient: differentiate each stage's local loss through the stage into its auxiliary
+            input (the exact gradient of the objective for the auxiliary networks; one input-gradient pass per
+            stage and micro-batch). ``False``: a stage trains on its auxiliary input as a constant (weight
+            gradient only, no input gradient); the auxiliary networks then learn only from the constraint at
+            their stage's input and from the refits, i.e. they track the trunk's activations instead of
+            bending towards inputs that suit their own stage. Default True.
+        true_input_loss: at every refit, the last stage also takes the task loss on its true input (from the
+            refit's end-to-end forward), added to the step's gradient: the real forward's last stage then
+            trains on the inputs it sees at validation. Costs one forward and weight gradient of the last
+            stage per micro-batch and refit. Default False.
     """
 
     loss: LossName = "penalty"
@@ -36,6 +46,8 @@ class AuxNetOptions:
     aux_steps: int = 1
     aux_lr: float = 3e-3
     oracle: bool = False
+    stage_input_gradient: bool = True
+    true_input_loss: bool = False
 
     def __post_init__(self) -> None:
         check_loss(self.loss)
@@ -51,8 +63,14 @@ class AuxNetOptions:
                 )
         if isinstance(self.aux_lr, bool) or not isinstance(self.aux_lr, (int, float)) or not self.aux_lr > 0:
             raise ValueError(f"aux_lr={self.aux_lr!r} must be a positive learning rate, e.g. 1e-3.")
-        if not isinstance(self.oracle, bool):
-            raise ValueError(f"oracle={self.oracle!r} must be True or False.")
+        flags = (
+            ("oracle", self.oracle),
+            ("stage_input_gradient", self.stage_input_gradient),
+            ("true_input_loss", self.true_input_loss),
+        )
+        for name, flag in flags:
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False.")
 
     @property
     def rho_schedule(self) -> RhoSchedule:

@@ -23,7 +23,8 @@ of a boundary compute the same residual and update their copies of its multiplie
 Refits (every ``aux_update_interval`` steps, at the start of the step, on the step's batch): one end-to-end
 forward without autograd gives every stage's true input ``h_s``; then ``aux_steps`` Adam steps (one optimizer
 per stage, learning rate ``aux_lr``) on ``(1/2) mean((a_s(x) - h_s) ** 2)``. Their gradients never touch the
-``.grad`` the step accumulates.
+``.grad`` the step accumulates. With ``true_input_loss`` the last stage's part of that forward keeps its graph
+and the task loss on the true input is added to the step's gradient of the last stage.
 
 With ``oracle`` each stage's input is the previous stage's true output (received before its forward: serial),
 the targets are the stages' own outputs, and no auxiliary network is used or refitted.
@@ -120,6 +121,7 @@ class AuxNetRuntime:
                 oracle=oracle,
                 cost=cost,
                 aux_cost=aux_cost,
+                input_gradient=self.options.stage_input_gradient,
             )
             for s in self.held
         }
@@ -265,10 +267,14 @@ class AuxNetRuntime:
         weights = [size / float(sum(sizes)) for size in sizes]
         inputs = [self.input_fn(mb) for mb in micro_batches]
         true: dict[int, list[torch.Tensor]] = {s: [] for s in self.held}
-        for mb, x in zip(micro_batches, inputs):
+        last = self.num_stages - 1
+        for mb, x, weight in zip(micro_batches, inputs, weights):
             h = x if self.first == 0 else self._recv_input(mb, self.first, _REFIT)
             for s in self.held:
                 true[s].append(h)
+                if s == last and self.options.true_input_loss:
+                    self.stages[s].true_input_backward(h, mb, weight)  # the step's gradient, not the refit's
+                    continue
                 h = self.stages[s].evaluate(h)
                 sleep(self.cost.forward if self.cost else 0.0)
             if self.last < self.num_stages - 1:

@@ -51,6 +51,10 @@ class AuxNetStage:
         oracle: take the previous stage's true output as input instead of the auxiliary network's (tests).
         cost: simulated compute of the stage, slept per unit of work.
         aux_cost: simulated compute of the auxiliary network (``forward`` and ``backward_weight`` are used).
+        input_gradient: differentiate the local loss through the stage into its auxiliary input (the
+            auxiliary network's share of the objective's gradient); ``False`` runs the stage on the auxiliary
+            input as a constant (no input gradient), so the auxiliary network learns only from the constraint
+            at the stage's input. Default True.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class AuxNetStage:
         oracle: bool = False,
         cost: SimulatedCost | None = None,
         aux_cost: SimulatedCost | None = None,
+        input_gradient: bool = True,
     ) -> None:
         if index > 0 and aux_net is None and not oracle:
             raise ValueError(
@@ -75,6 +80,7 @@ class AuxNetStage:
         self.aux_net = None if index == 0 or oracle else aux_net
         self.loss_fn = loss_fn
         self.oracle = oracle
+        self.input_gradient = input_gradient
         self.cost, self.aux_cost = cost, aux_cost
         self.params = [p for p in blocks.parameters() if p.requires_grad]
         self.aux_params = [p for p in self.aux_net.parameters() if p.requires_grad] if self.aux_net else []
@@ -108,7 +114,7 @@ class AuxNetStage:
             if true_input is None:
                 raise RuntimeError(f"Stage {self.index} runs with oracle=True and needs its true input.")
             saved.z = true_input.detach()
-        saved.u = self.blocks(saved.z)
+        saved.u = self.blocks(saved.z if self.input_gradient else saved.z.detach())
         sleep(self.cost.forward if self.cost else 0.0)
         return saved.u.detach()
 
@@ -176,9 +182,19 @@ class AuxNetStage:
         if params and total.requires_grad:
             (total * weight).backward(inputs=params)  # accumulates into .grad
         if self.cost:
-            sleep(self.cost.backward_weight + (self.cost.backward_input if self.aux_params else 0.0))
+            through_input = self.aux_params and self.input_gradient
+            sleep(self.cost.backward_weight + (self.cost.backward_input if through_input else 0.0))
         if self.aux_cost and self.aux_params:
             sleep(self.aux_cost.backward_weight)
+
+    def true_input_backward(self, h: torch.Tensor, micro_batch: Any, weight: float) -> None:
+        """Last stage: accumulate the gradient of the task loss on the true input ``h`` (scaled by ``weight``)."""
+        loss = self.loss_fn(self.blocks(h.detach()), micro_batch)
+        sleep(self.cost.forward if self.cost else 0.0)
+        if self.params:
+            (loss * weight).backward(inputs=self.params)
+        sleep(self.cost.backward_weight if self.cost else 0.0)
+        self._add("true_input_loss", weight * loss.detach())
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's output on ``x`` without autograd (the end-to-end forward)."""

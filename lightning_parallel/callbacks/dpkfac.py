@@ -18,7 +18,9 @@ Design decisions:
   batch with ``partition="profile"``) over the stage copies the rank holds
   (``held_stage_modules``), and the two copies of a stage combine their factors
   (:class:`~lightning_parallel.kfac.PipelineKFACPreconditioner`), so both receive the
-  single-device preconditioned gradient. Other pipeline strategies and sharded strategies are
+  single-device preconditioned gradient. A sampled ``fisher`` runs its second backward through
+  the schedule on factor-update steps (:class:`~lightning_parallel.kfac.pipeline_fisher.SampledFisherPass`,
+  the runtime's ``side_backward``). Other pipeline strategies and sharded strategies are
   refused.
 - Checkpoints hold the step count, the owners and every layer's factors and decomposition;
   under ``dp`` the owners' states are gathered when Lightning calls ``state_dict`` (on every
@@ -48,6 +50,7 @@ from lightning_parallel.kfac import (
     PipelineKFACPreconditioner,
 )
 from lightning_parallel.kfac.options import Fisher
+from lightning_parallel.kfac.pipeline import check_pipeline_options
 from lightning_parallel.strategies.chimera import ChimeraStrategy
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy
 
@@ -66,7 +69,8 @@ class DPKFAC(Callback):
     Raises:
         ValueError: On an option :class:`~lightning_parallel.kfac.KFACOptions` refuses (it validates
             them all), a negative ``log_every_n_steps``, or (at setup) a model with no supported
-            layer, a ``fisher_output`` naming no module, or a sampled ``fisher`` under ChimeraStrategy.
+            layer, a ``fisher_output`` naming no module, or ``fisher_output`` with a sampled ``fisher``
+            under ChimeraStrategy (there the prediction is the last stage's output).
         TypeError: On a hyperparameter of the wrong type (see ``KFACOptions``).
     """
 
@@ -83,6 +87,9 @@ class DPKFAC(Callback):
         method: Literal["eigen", "inverse"] = "eigen",
         factored_damping: bool = True,
         factor_subsample: int = 1,
+        position_subsample: int = 1,
+        factor_rank: int | None = None,
+        stagger_decompositions: bool = False,
         skip_layers: Sequence[str] = (),
         fisher: Fisher = "empirical",
         fisher_output: str | None = None,
@@ -100,6 +107,9 @@ class DPKFAC(Callback):
             method=method,
             factored_damping=factored_damping,
             factor_subsample=factor_subsample,
+            position_subsample=position_subsample,
+            factor_rank=factor_rank,
+            stagger_decompositions=stagger_decompositions,
             skip_layers=tuple(skip_layers),
             fisher=fisher,
             fisher_output=fisher_output,
@@ -119,9 +129,8 @@ class DPKFAC(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, trainer.world_size)
+        check_strategy(trainer.strategy, trainer.world_size, self.options)
         if isinstance(trainer.strategy, ChimeraStrategy):
-            self.options.check_pipeline("ChimeraStrategy")
             self._previous = self.preconditioner
             self.preconditioner = None  # built over the held stage copies once the pipeline exists
             return
@@ -158,6 +167,9 @@ class DPKFAC(Callback):
         )
         self._build(preconditioner, self._previous)
         self._previous = None
+        runtime = strategy.pipeline_runtime
+        if runtime is not None:  # the sampled Fisher's second backward rides the schedule (None: empirical)
+            runtime.side_backward = preconditioner.sampled_pass
 
     def _build(self, preconditioner: KFACPreconditioner, previous: KFACPreconditioner | None) -> None:
         self.preconditioner = preconditioner
@@ -173,6 +185,9 @@ class DPKFAC(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.preconditioner is not None:
             self.preconditioner.remove_hooks()  # the state stays for state_dict() after fit
+            runtime = getattr(trainer.strategy, "pipeline_runtime", None)
+            if runtime is not None:
+                runtime.side_backward = None
 
     @override
     def on_before_optimizer_step(
@@ -248,20 +263,25 @@ class DPKFAC(Callback):
 DPKFAC.__doc__ = (DPKFAC.__doc__ or "").replace("{kfac_options}", KFACOptions.args_doc(indent=8))
 
 
-def check_strategy(strategy: Any, world_size: int) -> None:
-    """Refuses the strategies K-FAC cannot follow yet.
+def check_strategy(strategy: Any, world_size: int, options: KFACOptions | None = None) -> None:
+    """Refuses the strategies K-FAC cannot follow yet (every refusal of a strategy, in one place).
 
     Args:
         strategy: The Trainer's strategy.
         world_size: The number of processes.
+        options: The K-FAC options, checked against a pipeline strategy's rules
+            (:func:`~lightning_parallel.kfac.pipeline.check_pipeline_options`).
 
     Raises:
-        ValueError: For this package's pipeline strategies other than ChimeraStrategy, and for
+        ValueError: For this package's pipeline strategies other than ChimeraStrategy, for
             multi-process strategies other than DDP and ChimeraStrategy (sharded parameters have no
-            full gradient).
+            full gradient), and for options ChimeraStrategy cannot run (``fisher_output`` with a sampled
+            ``fisher``, ``assignment="dp"`` over pipeline replicas).
     """
     name = type(strategy).__name__
     if isinstance(strategy, ChimeraStrategy):
+        if options is not None:
+            check_pipeline_options(options, name)
         return
     if isinstance(strategy, PipelineStrategy):
         raise ValueError(

@@ -14,8 +14,12 @@ Design decisions:
   asks ``scontrol requeue`` as Lightning does for SIGUSR1, and the status is 0 if the requeue succeeded.
 - A signal that arrives during validation is acted on after the next training batch.
 - Dead ranks: at setup every rank publishes its host and process id
-  (:class:`~lightning_parallel.peers.PeerTable`); when training fails with a communication error, the
-  message names the ranks whose process is gone (on this host), logged and added to the exception.
+  (:class:`~lightning_parallel.peers.PeerTable`); when training fails with a communication error while a rank
+  of this host is dead, the loop that was running raises one :class:`~lightning_parallel.peers.PeerLost`
+  naming that rank (the gloo/NCCL error is its cause); other communication errors get the table's sentence
+  as a note. The pipeline runtimes raise ``PeerLost`` themselves, saying which transfer failed.
+- The agreement after each batch is the strategy's ``agree_on_signal`` when it has one (the pipeline
+  strategies; the local-learning ones agree one step late, without a wait at the step boundary).
 - The ``lightning-parallel`` command adds this callback to every run that does not list it, and ends a
   preempted process with ``os._exit`` once Lightning's teardown has run and the output is flushed: the
   interpreter's own finalisation of torch, Lightning and gloo measured 6-16 s on a loaded 2-core machine.
@@ -23,11 +27,13 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from typing_extensions import override
 
-from lightning_parallel.peers import PeerTable, is_communication_error
+from lightning_parallel.peers import PeerLost, PeerTable, is_communication_error, peer_failure
 from lightning_parallel.preemption import SignalFlag, exit_status
 
 __all__ = ["Preempted", "PreemptionCheckpoint"]
@@ -96,6 +102,12 @@ class PreemptionCheckpoint(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.peers is None:
             self.peers = PeerTable.publish()
+        loops: dict[str, Any] = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop}
+        loop = loops.get(stage)
+        if self.peers is not None and loop is not None and not getattr(loop.run, "_names_dead_peers", False):
+            loop.run = _naming_dead_peers(
+                loop.run, lambda: f"running {stage} (global step {trainer.global_step})"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,7 +122,8 @@ class PreemptionCheckpoint(pl.Callback):
     ) -> None:
         if self.flag is None:
             return
-        signum = self.flag.agreed(device=trainer.strategy.root_device)
+        agree = getattr(trainer.strategy, "agree_on_signal", None)
+        signum = agree(self.flag) if callable(agree) else self.flag.agreed(device=trainer.strategy.root_device)
         if signum is None:
             return
         path = self.checkpoint_path(trainer)
@@ -149,6 +162,9 @@ class PreemptionCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.peers is None or not is_communication_error(exception):
             return
+        if isinstance(exception, PeerLost):  # its message names the dead rank already
+            print(f"lightning-parallel: {exception}", file=sys.stderr, flush=True)
+            return
         text = f"lightning-parallel: {self.peers.describe()}"
         log.error(text)
         print(text, file=sys.stderr, flush=True)
@@ -159,4 +175,22 @@ class PreemptionCheckpoint(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.flag is not None:
             self.flag.uninstall()
+            self.flag.settle()
             self.flag = None
+
+
+def _naming_dead_peers(run: Callable[[], Any], what: Callable[[], str]) -> Callable[[], Any]:
+    """``run`` (a loop's ``run``), raising :class:`PeerLost` naming the dead rank for a failed communication."""
+
+    @functools.wraps(run)
+    def wrapped() -> Any:
+        try:
+            return run()
+        except RuntimeError as error:
+            failure = peer_failure(error, what())
+            if failure is error:
+                raise
+            raise failure from error
+
+    wrapped._names_dead_peers = True  # type: ignore[attr-defined]
+    return wrapped

@@ -15,6 +15,16 @@ Design decisions:
 - Under DDP every rank holds the same weights and (after DDP's all-reduce) the same gradients, so the masked
   layers' decisions agree; RigL's dense gradient of the sparse layers is all-reduced (mean) block by block
   before ranking, and SET draws from a generator seeded identically on every rank.
+- Under :class:`~lightning_parallel.strategies.ChimeraStrategy`: the engine is built over the whole module in
+  ``setup`` (the same initial masks as on one device), then, once the pipeline exists, cut down to the layers of
+  this rank's stages (:meth:`~lightning_parallel.strategies.ChimeraStrategy.trained_stages`), rebound to the
+  modules the rank trains (Chimera's second copy of a stage included). The two copies of a stage get the same
+  summed gradient and take the same step, so RigL's and SET's decisions on them agree; SET draws the random
+  numbers of the masked layers other ranks train too. In sparse execution (RigL, static) RigL's dense-gradient
+  blocks are summed over the stage's two copies (each saw half the micro-batches) and averaged over pipeline
+  replicas. Checkpoints gather every rank's masks and patterns (one ``all_gather_object``). Refused: SET in
+  sparse execution (its draws depend on the patterns other ranks hold) and sparse execution with
+  ``stage_local=True``.
 - Checkpoints: the callback's state holds the masks, the sparse patterns with their values and the random
   generator (resume is exact). With ``checkpoint_weights="dense"`` (default) the model's ``state_dict`` in the
   checkpoint has each sparse layer as a dense-with-zeros ``weight``, so ``load_from_checkpoint`` into the plain
@@ -41,10 +51,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_parallel.pipeline.partition import stage_slices
+from lightning_parallel.pipeline.recompute import RecomputedStage
 from lightning_parallel.sparse import SparseEngine
 from lightning_parallel.sparse.engine import check_options
 from lightning_parallel.sparse.export import densify_state_dict, resize_to_state_dict
-from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
+from lightning_parallel.strategies import ChimeraStrategy
+from lightning_parallel.strategies.pipeline_base import PipelineStrategy
 
 
 class SparseTraining(Callback):
@@ -77,8 +90,8 @@ class SparseTraining(Callback):
     Raises:
         ValueError: on an unknown method, distribution, decay, execution or checkpoint format, a sparsity outside
             [0, 1), a drop fraction outside [0, 1], ``update_interval`` < 1 or ``stop_at`` <= 0; at setup, on a
-            model with no covered layer, ``execution="sparse"`` without a plain ``nn.Linear``, an unsupported
-            strategy, or DPKFAC listed after this callback.
+            model with no covered layer, ``execution="sparse"`` without a plain ``nn.Linear`` or under
+            ChimeraStrategy, an unsupported strategy, or DPKFAC listed after this callback.
     """
 
     def __init__(
@@ -132,17 +145,33 @@ class SparseTraining(Callback):
         self.engine: SparseEngine | None = None
         self._stop_step = 0
         self._pending_state: dict[str, Any] | None = None
+        self._pipeline_bound = False
+        self._sparse_reduce: dict[str, Any] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         strategy = trainer.strategy
-        pipeline = isinstance(strategy, (ChimeraStrategy, InterlockingBackpropStrategy))
-        if pipeline or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        chimera = isinstance(strategy, ChimeraStrategy)
+        other_pipeline = isinstance(strategy, PipelineStrategy) and not chimera
+        if other_pipeline or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
-                f"SparseTraining runs on one device or under DDP; got {type(strategy).__name__}. "
-                "Use strategy='auto' or 'ddp' (pipeline strategies are not supported yet)."
+                f"SparseTraining runs on one device, under DDP or under ChimeraStrategy; got "
+                f"{type(strategy).__name__}. Use strategy='auto', 'ddp' or 'chimera' (local-learning strategies "
+                "are not supported yet)."
+            )
+        if chimera and self.options["execution"] == "sparse" and getattr(strategy, "stage_local", False):
+            raise ValueError(
+                "SparseTraining(execution='sparse') is not supported under ChimeraStrategy(stage_local=True) (the "
+                "stage-local state names every tensor of a stage, and a sparse layer's index structures have no "
+                "state-dict name); use stage_local=False or execution='masked'."
+            )
+        if chimera and self.options["execution"] == "sparse" and self.options["method"] == "set":
+            raise ValueError(
+                "SparseTraining('set', execution='sparse') is not supported under ChimeraStrategy (SET's random draws "
+                "for a sparse layer depend on its pattern, which only the ranks holding it know); use method='rigl' "
+                "or 'static', execution='masked', or SET in sparse execution under DDP."
             )
         if self.prune_neurons and trainer.world_size > 1:
             raise ValueError(
@@ -156,6 +185,7 @@ class SparseTraining(Callback):
                 "DPKFAC is listed after SparseTraining in `callbacks`: put SparseTraining after DPKFAC so the "
                 "preconditioned gradients are re-masked."
             )
+        self._pipeline_bound = False
         if self.engine is None:
             if self.prune_neurons:  # a neuron-pruned checkpoint has narrower layers: resize before loading
                 pl_module.register_load_state_dict_pre_hook(_resize_before_loading)
@@ -185,6 +215,37 @@ class SparseTraining(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.estimated_stepping_batches
         self._stop_step = int(self.stop_at * total) if self.stop_at <= 1 else int(self.stop_at)
+        strategy = trainer.strategy
+        if isinstance(strategy, ChimeraStrategy) and strategy.stages_built:
+            self._bind_pipeline(strategy, pl_module, None)
+
+    def _bind_pipeline(self, strategy: ChimeraStrategy, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Cut the engine down to the layers of this rank's stages, rebound to the modules the rank trains."""
+        if self.engine is None or self._pipeline_bound:
+            return
+        held = strategy.trained_stages(batch)  # partition="profile" builds the pipeline at the first batch
+        sizes = strategy.partition_sizes
+        if sizes is None:
+            raise RuntimeError("ChimeraStrategy reported its stages built but has no partition.")
+        blocks = list(pl_module.pipeline_blocks())  # type: ignore[operator]
+        block_names = {id(m): n for n, m in pl_module.named_modules()}
+        slices = stage_slices(sizes)
+        located: dict[str, torch.nn.Module | torch.Tensor] = {}
+        stage_of: dict[str, int] = {}
+        for (_, stage), module in held.items():
+            inner = module.inner if isinstance(module, RecomputedStage) else module
+            for position, block in enumerate(blocks[slices[stage]]):
+                prefix = block_names[id(block)]
+                held_block = inner[position]  # type: ignore[index]
+                for name, layer in held_block.named_modules():
+                    located[f"{prefix}.{name}" if name else prefix] = layer
+                    stage_of[f"{prefix}.{name}" if name else prefix] = stage
+                for name, param in held_block.named_parameters():
+                    located.setdefault(f"{prefix}.{name}", param)
+        names = [*self.engine.masks, *self.engine.sparse]
+        self.engine.keep_only({name: located[name] for name in names if name in located})
+        self._sparse_reduce = _stage_reduces(strategy, {name: stage_of[name] for name in self.engine.sparse})
+        self._pipeline_bound = True
 
     def _is_update_step(self, step: int) -> bool:
         assert self.engine is not None
@@ -194,6 +255,8 @@ class SparseTraining(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if isinstance(trainer.strategy, ChimeraStrategy):
+            self._bind_pipeline(trainer.strategy, pl_module, batch)
         if self.engine is not None and self.engine.sparse:
             self.engine.record_dense_gradients(self._is_update_step(trainer.global_step))
 
@@ -205,7 +268,8 @@ class SparseTraining(Callback):
             return
         step = trainer.global_step
         if self._is_update_step(step):
-            fraction = self.engine.update(step, stop_at=self._stop_step, optimizer=optimizer, reduce=_mean_reduce())
+            reduce = self._sparse_reduce if self._pipeline_bound else _mean_reduce()
+            fraction = self.engine.update(step, stop_at=self._stop_step, optimizer=optimizer, reduce=reduce)
             pl_module.log("sparse/drop_fraction", fraction, on_step=True, on_epoch=False)
         self.engine.mask_gradients()
 
@@ -231,7 +295,17 @@ class SparseTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return dict(self._pending_state or {})
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self._pipeline_bound and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            # each rank holds its stages' masks and patterns
+            dist.all_gather_object(gathered, (state["masks"], state["patterns"]))
+            for masks, patterns in gathered:
+                for name, mask in masks.items():
+                    state["masks"].setdefault(name, mask)
+                for name, pattern in patterns.items():
+                    state["patterns"].setdefault(name, pattern)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,6 +339,30 @@ def _mean_reduce() -> Any:
         return tensor.div_(world)
 
     return reduce
+
+
+def _stage_reduces(strategy: ChimeraStrategy, stages: dict[str, int]) -> dict[str, Any]:
+    """Per sparse layer: the sum of RigL's dense-gradient blocks over its stage's two Chimera copies (their
+    micro-batches together are the batch), then the mean over the pipeline replicas (collectives in layer order,
+    the same on every holder)."""
+    groups, schedule = strategy.pipeline_groups, strategy.pipeline_schedule
+    if groups is None or schedule is None:
+        raise RuntimeError("ChimeraStrategy reported its stages built but has no process groups.")
+    two_copies = schedule.replicas > 1
+    replicas = groups.data_parallel_size
+
+    def reduce_for(stage: int) -> Any:
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            if two_copies:
+                dist.all_reduce(tensor, group=groups.stage_groups[stage])  # both copies' micro-batches
+            if replicas > 1:
+                dist.all_reduce(tensor, group=groups.data_parallel_group)
+                tensor.div_(replicas)
+            return tensor
+
+        return reduce
+
+    return {name: reduce_for(stage) for name, stage in stages.items()}
 
 
 def _resize_before_loading(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -15,20 +15,30 @@ Design decisions:
 - The state is the number of batches served in the current epoch. Resuming skips that many batches of the
   epoch's order by index, without loading their data. Lightning does not prefetch from a loader whose
   length it knows, so "served" is "consumed by training" when a checkpoint is written.
-- Data augmentation that draws from the global generator inside ``__getitem__`` is not covered: Lightning
-  does not checkpoint the global generator.
+- Every generator: Lightning does not checkpoint the global generators (torch CPU/CUDA, ``random``, NumPy),
+  so dropout, ``torch.randn`` in ``training_step`` or augmentation drawn in ``__getitem__`` would resume on
+  another stream. The state holds every rank's global generators at the moment the checkpoint is written
+  (:func:`~lightning_parallel.utils.rng.gather_states`: one ``all_gather_object`` with several processes;
+  Lightning asks every rank for the loader's state when it writes a checkpoint). They are put back at the
+  point of the resumed run that the checkpoint's moment corresponds to: in the middle of an epoch after the
+  iterator exists (creating it draws a seed from the global generator; the interrupted run had created its
+  own before the checkpoint) and before the first batch is loaded; at an epoch's end before the next epoch's
+  iterator is created. A checkpoint of another number of ranks restores none of them, with a warning.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
+
+from lightning_parallel.utils.rng import gather_states, restore, this_rank
 
 __all__ = ["EpochRandomSampler", "ResumableDataLoader", "global_seed"]
 
@@ -75,13 +85,19 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._served = 0
         self._skip = 0
+        self._rng: dict[str, Any] | None = None  # this rank's generators, put back at the next iteration
 
     @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # a generator: nothing runs until the first batch, after Lightning's set_epoch
         skip, self._skip = self._skip, 0
+        rng, self._rng = self._rng, None
         self._served = skip
+        if rng is not None and not skip:
+            restore(rng)  # an epoch's end: before the next epoch's iterator draws its seed
         iterator: Iterator[Any] = self._remaining(skip) if skip else super().__iter__()
+        if rng is not None and skip:
+            restore(rng)  # mid-epoch: the interrupted run's iterator already existed
         for batch in iterator:
             self._served += 1
             yield batch
@@ -104,8 +120,9 @@ class ResumableDataLoader(DataLoader):
         return iter(rest)
 
     def state_dict(self) -> dict[str, Any]:
-        """Batches served in the current epoch, and the sampler's seed and epoch when it has them."""
-        state: dict[str, Any] = {"served": self._served}
+        """Batches served in the current epoch, the sampler's seed and epoch when it has them, every rank's
+        global generators (a collective with several processes: call it on every rank)."""
+        state: dict[str, Any] = {"served": self._served, "rng": gather_states()}
         sampler = self.sampler
         for name in ("seed", "epoch"):
             if hasattr(sampler, name):
@@ -126,3 +143,14 @@ class ResumableDataLoader(DataLoader):
             key = f"sampler_{name}"
             if key in state_dict and hasattr(sampler, name):
                 setattr(sampler, name, int(state_dict[key]))
+        states = state_dict.get("rng")
+        rank, world = this_rank()
+        if states is not None and len(states) == world:
+            self._rng = states[rank]
+        elif states is not None:
+            warnings.warn(
+                f"The checkpoint holds the random generators of {len(states)} ranks and this run has {world}; "
+                "they are not restored, so dropout and other draws from the global generators continue on another "
+                "stream (resume with the same number of processes to continue exactly).",
+                stacklevel=2,
+            )

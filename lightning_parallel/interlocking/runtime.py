@@ -20,8 +20,9 @@ gradients accumulate in micro-batch order, so results equal single-process mode 
 
 Messages: activations go forward (tag 0), early messages back (tag 1), late messages back (tag 2),
 evaluation activations forward (tag 3). Shapes are inferred once per input shape by a dry run of the whole
-trunk (on the meta device when the rank holds only its own stages' weights). Sends are asynchronous; every blocking receive fails with a
-``RuntimeError`` naming the peer after ``timeout_s``.
+trunk (on the meta device when the rank holds only its own stages' weights). Sends are asynchronous; every
+blocking receive fails with a ``RuntimeError`` naming the peer after ``timeout_s``, or at once with a
+:class:`~lightning_parallel.peers.PeerLost` naming the dead rank when the peer's process is gone.
 This module imports no Lightning.
 """
 
@@ -37,10 +38,12 @@ from torch import nn
 
 from lightning_parallel.interlocking.plan import InterlockingPlan, stages_of_rank
 from lightning_parallel.interlocking.stage import InterlockingStage, LossFn, SimulatedCost
+from lightning_parallel.peers import transfer_failure, wait_all
 from lightning_parallel.pipeline.micro_batches import batch_size
 from lightning_parallel.pipeline.stage_local import has_meta_tensors, meta_outputs
 
 _FORWARD, _EARLY, _LATE, _EVAL = 0, 1, 2, 3
+_KINDS = {_FORWARD: "an activation", _EARLY: "an early gradient", _LATE: "a late gradient", _EVAL: "an activation"}
 MetricsFn = Callable[[torch.Tensor, Any], Mapping[str, torch.Tensor]]
 
 
@@ -229,14 +232,22 @@ class InterlockingRuntime:
     # ------------------------------------------------------------------------------ messages
     def finish(self) -> None:
         """Wait until every message this rank sent has been received."""
-        for work, _ in self._sends:
-            work.wait(self.timeout)
-        self._sends.clear()
+        sends, self._sends = self._sends, []
+        wait_all(sends, self.timeout, lambda error: self._failure(error, "waiting for its sends to be received", None))
 
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         tensor = tensor.detach().contiguous()
-        work = dist.isend(tensor, dst=self.global_ranks[peer], group=self.group, tag=tag)
+        try:
+            work = dist.isend(tensor, dst=self.global_ranks[peer], group=self.group, tag=tag)
+        except RuntimeError as error:
+            raise self._failure(error, f"sending {_KINDS.get(tag, 'an activation')}", peer) from error
         self._sends.append((work, tensor))
+
+    def _failure(self, error: RuntimeError, what: str, peer: int | None) -> BaseException:
+        """The error to raise for a failed message: the dead rank named, else the peer and the time limit."""
+        who = f"Interlocking rank {self.rank}"
+        rank = None if peer is None else self.global_ranks[peer]
+        return transfer_failure(error, what, who=who, peer=rank, timeout_s=self.timeout.total_seconds())
 
     def _prune_sends(self) -> None:
         self._sends = [item for item in self._sends if not item[0].is_completed()]
@@ -244,18 +255,12 @@ class InterlockingRuntime:
     def _recv(self, spec: tuple[torch.Size, torch.dtype], peer: int, tag: int) -> torch.Tensor:
         shape, dtype = spec
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
         try:
+            work = dist.irecv(buffer, src=self.global_ranks[peer], group=self.group, tag=tag)
             if work is not None:
                 work.wait(self.timeout)
         except RuntimeError as error:
-            kind = {_FORWARD: "an activation", _EARLY: "an early gradient", _LATE: "a late gradient"}.get(
-                tag, "an activation"
-            )
-            raise RuntimeError(
-                f"Interlocking rank {self.rank} waited more than {self.timeout.total_seconds():.0f}s for {kind} "
-                f"from rank {peer} (global rank {self.global_ranks[peer]}); that process died or stalled."
-            ) from error
+            raise self._failure(error, f"receiving {_KINDS.get(tag, 'an activation')}", peer) from error
         return buffer
 
     def _stage_shapes(self, micro_batch: Any) -> list[tuple[torch.Size, torch.dtype]]:

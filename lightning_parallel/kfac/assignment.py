@@ -88,6 +88,7 @@ def placement_costs(
     factor_update_steps: int,
     inv_update_steps: int,
     element_size: int = 4,
+    factor_rank: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Bytes communicated per step and curvature bytes held, per worker, of each placement.
 
@@ -113,6 +114,8 @@ def placement_costs(
         factor_update_steps: Steps between factor updates.
         inv_update_steps: Steps between decompositions.
         element_size: Bytes per entry (4 for float32).
+        factor_rank: Eigenpairs kept per factor (eigen method; ``None``: all). A truncated factor
+            sends and holds ``dim * k + k`` entries and caches no inverse.
 
     Returns:
         ``{placement: {"bytes_per_step": ..., "curvature_bytes": ...}}`` for ``"owner"``, ``"all"``
@@ -122,10 +125,17 @@ def placement_costs(
     def triu(n: int) -> int:
         return n * (n + 1) // 2
 
+    def kept(n: int) -> int:
+        return n if factor_rank is None else min(n, factor_rank)
+
     factors = [i * i + o * o for i, o in dims]
     if method == "eigen":
-        decomposition = [i * i + i + o * o + o for i, o in dims]
-        held = [d + i * i + o * o for d, (i, o) in zip(decomposition, dims)]  # plus the cached inverses
+        decomposition = [i * kept(i) + kept(i) + o * kept(o) + kept(o) for i, o in dims]
+        # plus the cached damped inverses (of the sides that keep every eigenpair)
+        held = [
+            d + (i * i if kept(i) == i else 0) + (o * o if kept(o) == o else 0)
+            for d, (i, o) in zip(decomposition, dims)
+        ]
     else:
         decomposition = [triu(i) + triu(o) for i, o in dims]
         held = [i * i + o * o for i, o in dims]

@@ -52,7 +52,7 @@ def input_rows(module: nn.Module | LinearTarget, x: torch.Tensor) -> torch.Tenso
     return rows
 
 
-def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False, row_step: int = 1) -> torch.Tensor:
     """A Conv2d input's unfolded patches as columns (one per patch), the rows of ``F.unfold`` transposed.
 
     The patches are read through a strided view of the padded input and copied once, in the
@@ -63,6 +63,7 @@ def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) ->
         module: An ``nn.Conv2d`` (integer padding, zeros padding mode, groups=1).
         x: The layer's input, ``(n, C, H, W)``.
         ones_row: Whether to append a row of ones (the bias entries).
+        row_step: Keep the patches of every ``row_step``-th output row only (1: all).
 
     Returns:
         A float32 (or wider) tensor of shape ``(C*kh*kw [+ 1], n*L)``; row ``c*kh*kw + i*kw + j``
@@ -83,10 +84,13 @@ def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) ->
     n, c, h, w = x.shape
     oh = (h - dh * (kh - 1) - 1) // sh + 1
     ow = (w - dw * (kw - 1) - 1) // sw + 1
+    oh = -(-oh // row_step)  # output rows 0, row_step, 2 row_step, ...
     s_n, s_c, s_h, s_w = x.stride()
     # (C, kh, kw, OH, n, OW), a view; the order of the columns does not matter to the gram, and
     # this one copies about twice as fast as (n, OH, OW) on small images
-    patches = x.as_strided((c, kh, kw, oh, n, ow), (s_c, dh * s_h, dw * s_w, sh * s_h, s_n, sw * s_w))
+    patches = x.as_strided(
+        (c, kh, kw, oh, n, ow), (s_c, dh * s_h, dw * s_w, row_step * sh * s_h, s_n, sw * s_w)
+    )
     dim = c * kh * kw
     out = x.new_empty(dim + int(ones_row), oh * n * ow)
     out[:dim].view(c, kh, kw, oh, n, ow).copy_(patches)
@@ -95,7 +99,9 @@ def input_columns(module: nn.Module, x: torch.Tensor, ones_row: bool = False) ->
     return out
 
 
-def input_gram(module: nn.Module | LinearTarget, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def input_gram(
+    module: nn.Module | LinearTarget, x: torch.Tensor, position_step: int = 1
+) -> tuple[torch.Tensor, int]:
     """``sum_r a_r a_r^T`` over a layer input's rows, bias entries included, and the number of rows.
 
     One product of the rows augmented with their ones entries: a Conv2d input is unfolded
@@ -106,19 +112,27 @@ def input_gram(module: nn.Module | LinearTarget, x: torch.Tensor) -> tuple[torch
     Args:
         module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
         x: The layer's input.
+        position_step: Use every ``position_step``-th position only (:func:`subsample_positions`;
+            a Conv2d: output row).
 
     Returns:
-        The ``(in_dim, in_dim)`` sum and the row count.
+        The ``(in_dim, in_dim)`` sum over the rows used and their count.
     """
     target = as_target(module)
     if target.conv is not None:
-        cols = input_columns(target.conv, x, ones_row=target.bias is not None)
+        cols = input_columns(target.conv, x, ones_row=target.bias is not None, row_step=position_step)
         return gram(cols.t()), cols.shape[1]
-    rows = input_rows(target, x)
+    rows = input_rows(target, subsample_positions(x, position_step))
     return gram(rows), rows.shape[0]
 
 
-def output_grad_gram(module: nn.Module | LinearTarget, grad: torch.Tensor) -> torch.Tensor:
+def subsample_positions(t: torch.Tensor, step: int) -> torch.Tensor:
+    """Every ``step``-th position of a Linear input or output gradient: dimension 1 of a tensor with
+    more than two dimensions (``(n, T, ..., features)``); a 2-D tensor has one position per example."""
+    return t[:, ::step] if step > 1 and t.dim() > 2 else t
+
+
+def output_grad_gram(module: nn.Module | LinearTarget, grad: torch.Tensor, position_step: int = 1) -> torch.Tensor:
     """``sum_r g_r g_r^T`` over the rows ``g_r`` of the gradient of a layer's output.
 
     A Conv2d gradient is laid out channel-major, ``(C_out, n*L)``, by one copy that moves whole
@@ -127,15 +141,21 @@ def output_grad_gram(module: nn.Module | LinearTarget, grad: torch.Tensor) -> to
     Args:
         module: A linear-like layer's target (or an ``nn.Linear``/``nn.Conv2d``).
         grad: The gradient of the layer's output, shaped like the output.
+        position_step: Use every ``position_step``-th position only (a Conv2d: output row, as
+            :func:`input_columns`), the sum rescaled by ``positions / positions used`` to estimate the sum over all.
 
     Returns:
         The ``(out_dim, out_dim)`` sum.
     """
     grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
     if as_target(module).conv is not None:
-        cols = grad.transpose(0, 1).reshape(grad.shape[1], -1)  # (C_out, n*L)
-        return gram(cols.t())
-    return gram(grad.reshape(-1, grad.shape[-1]))  # (n*T, out) rows
+        used = grad[:, :, ::position_step] if position_step > 1 else grad
+        cols = used.transpose(0, 1).reshape(grad.shape[1], -1)  # (C_out, n*L)
+        total = gram(cols.t())
+        return total if used is grad else total.mul_(grad.shape[2] / used.shape[2])
+    used = subsample_positions(grad, position_step)
+    total = gram(used.reshape(-1, used.shape[-1]))  # (n*T, out) rows
+    return total if used is grad else total.mul_(grad.shape[1] / used.shape[1])
 
 
 def gram(rows: torch.Tensor) -> torch.Tensor:

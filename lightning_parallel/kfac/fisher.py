@@ -8,6 +8,8 @@ matrix of ``0.5 ||output - y||^2``, for a softmax the Gauss-Newton matrix of the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -20,17 +22,57 @@ def sampled_output_grad(output: torch.Tensor, fisher: str, generator: torch.Gene
         fisher: ``"gaussian"``: targets ``output + eps``, ``eps ~ N(0, I)``, so the gradient of
             ``0.5 ||output - y||^2`` is ``-eps`` (``eps`` is returned: the sign does not matter in
             ``G``). ``"categorical"``: classes along the last dimension sampled from
-            ``softmax(output)``; the gradient of the cross-entropy is ``softmax(output) - onehot``.
+            ``softmax(output)`` (inverse CDF, one uniform number per row); the gradient of the
+            cross-entropy is ``softmax(output) - onehot``.
         generator: The random generator, on ``output``'s device.
 
     Returns:
         A tensor shaped like ``output``: the gradient of the loss summed over the examples.
     """
+    return output_grad_from_noise(output, fisher, sample_noise(output.shape, output, fisher, generator))
+
+
+def sample_noise(shape: Sequence[int], like: torch.Tensor, fisher: str, generator: torch.Generator) -> torch.Tensor:
+    """The random numbers :func:`output_grad_from_noise` turns into sampled-target gradients.
+
+    Drawn in one call for a whole batch, so a pipeline that sees the batch in micro-batches slices
+    the same numbers along dimension 0 as one device draws (``torch`` generators are not
+    split-invariant: two draws of half the size do not give one draw's numbers).
+
+    Args:
+        shape: The shape of the batch's prediction.
+        like: A tensor with the prediction's device and dtype.
+        fisher: ``"gaussian"`` (one normal number per entry) or ``"categorical"`` (one uniform
+            number per row of the last dimension).
+        generator: The random generator, on ``like``'s device.
+
+    Returns:
+        ``shape`` for ``"gaussian"``, ``shape[:-1]`` for ``"categorical"``.
+    """
     if fisher == "gaussian":
-        return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+        return torch.randn(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return torch.rand(tuple(shape[:-1]), generator=generator, device=like.device, dtype=dtype)
+
+
+def output_grad_from_noise(output: torch.Tensor, fisher: str, noise: torch.Tensor) -> torch.Tensor:
+    """The sampled-target gradient of ``output`` (see :func:`sampled_output_grad`) from drawn ``noise``.
+
+    Args:
+        output: The prediction (detached).
+        fisher: ``"gaussian"`` or ``"categorical"``.
+        noise: :func:`sample_noise`'s numbers for ``output`` (or its rows of a batch's draw).
+
+    Returns:
+        A tensor shaped like ``output``.
+    """
+    if fisher == "gaussian":
+        return noise
     probs = torch.softmax(output.to(torch.promote_types(output.dtype, torch.float32)), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    classes = torch.multinomial(flat, 1, generator=generator)
+    cdf = flat.cumsum(-1)
+    uniform = noise.reshape(-1, 1).to(cdf.dtype) * cdf[:, -1:]
+    classes = (cdf < uniform).sum(-1, keepdim=True).clamp_max(flat.shape[-1] - 1)
     grad = flat.clone()
     grad.scatter_add_(1, classes, torch.full_like(classes, -1.0, dtype=grad.dtype))
     return grad.reshape(output.shape).to(output.dtype)

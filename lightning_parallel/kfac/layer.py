@@ -13,6 +13,13 @@ Design decisions:
 - A decomposition that fails or is not finite keeps the layer's previous decomposition (the
   gradient passes through unchanged if there is none); a batch factor that is not finite is not
   folded into the running average.
+- Truncated eigenbases (``rank``): a factor wider than ``rank`` keeps its ``rank`` largest
+  eigenpairs ``Q_k, d_k``; the rest of its spectrum is taken as 0, so those directions get the
+  damping alone: ``(A + r I)^-1 = Q_k diag(1 / (d_k + r) - 1 / r) Q_k^T + I / r``. Applied as
+  ``M / r + ((M Q_k) * (1 / (d_k + r) - 1 / r)) Q_k^T``: ``2 out in k`` multiply-adds on the ``A``
+  side instead of the dense inverse's ``out in^2`` (a 513-input layer at ``k = 64``: 4x fewer).
+  The first decomposition is a full ``eigh``; later ones refine the previous basis by subspace
+  iteration (:func:`top_eigenpairs`), ``dim^2 k`` instead of ``dim^3``.
 """
 
 from __future__ import annotations
@@ -38,14 +45,30 @@ class KFACLayer:
         module: The layer's target (an ``nn.Linear`` or ``nn.Conv2d`` module stands for its own target).
         subsample: Build the factors from every ``subsample``-th example of each forward call
             (``G`` rescaled to the whole batch); 1 uses every example.
+        position_subsample: Build them from every ``position_subsample``-th sequence position (a
+            Linear input with more than two dimensions: dimension 1) or output row (a Conv2d);
+            ``G`` is rescaled to all positions. 1 uses every position.
+        rank: Keep the ``rank`` largest eigenpairs of a factor wider than that (eigen method); ``None``
+            keeps all.
     """
 
-    def __init__(self, name: str, module: nn.Module | LinearTarget, subsample: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module | LinearTarget,
+        subsample: int = 1,
+        *,
+        position_subsample: int = 1,
+        rank: int | None = None,
+    ) -> None:
         self.name = name
         self.target = as_target(module)
         self.module = self.target.module  # the module whose forward applies the weight
         self.weight = self.target.weight
         self.subsample = subsample  # factor statistics from every subsample-th example
+        self.position_subsample = position_subsample  # ... and every position_subsample-th position
+        self.rank = rank  # eigenpairs kept per factor (None: all)
+        self.has_positions: bool | None = None  # whether its inputs have positions to subsample (once seen)
         self.in_dim, self.out_dim = layer_dims(self.target)
         self.dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.reset_accumulators()
@@ -55,7 +78,7 @@ class KFACLayer:
         self.pi = 1.0  # factored-damping ratio at the last decomposition
         # eigen method: the damped inverses for the last damping value, so that a step costs one
         # (G + .)^-1 M (A + .)^-1 product instead of four eigenbasis products
-        self._inverses: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self._inverses: tuple[float, torch.Tensor | None, torch.Tensor | None] | None = None
         self._reused = False  # whether the current decomposition has preconditioned once already
         self.rows_per_step = 0  # rows of the last recorded step, for the cost model
 
@@ -85,7 +108,9 @@ class KFACLayer:
             x: The layer's input tensor.
         """
         used = x[:: self.subsample] if self.subsample > 1 else x
-        contribution, rows = input_gram(self.target, used.to(self.dtype))
+        if self.has_positions is None:  # a Conv2d's output rows, or dimension 1 of a Linear input
+            self.has_positions = self.target.conv is not None or (x.dim() > 2 and x.shape[1] > 1)
+        contribution, rows = input_gram(self.target, used.to(self.dtype), self.position_subsample)
         self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
         self.a_rows += rows
         scope = recording.current_scope()
@@ -101,7 +126,7 @@ class KFACLayer:
             grad: The gradient of the layer's output.
         """
         used = grad[:: self.subsample] if self.subsample > 1 else grad
-        contribution = output_grad_gram(self.target, used.to(self.dtype))
+        contribution = output_grad_gram(self.target, used.to(self.dtype), self.position_subsample)
         self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
 
     def batch_factors(
@@ -169,8 +194,9 @@ class KFACLayer:
             ratio = (torch.trace(a).item() / self.in_dim) / max(torch.trace(g).item() / self.out_dim, 1e-30)
             pi = math.sqrt(ratio) if math.isfinite(ratio) and ratio > 0 else 1.0
         if method == "eigen":
-            da, qa = torch.linalg.eigh(a)
-            dg, qg = torch.linalg.eigh(g)
+            previous = self.decomposition
+            da, qa = top_eigenpairs(a, self.rank, previous.get("qa"))
+            dg, qg = top_eigenpairs(g, self.rank, previous.get("qg"))
             result = {"qa": qa, "da": da.clamp_min(0.0), "qg": qg, "dg": dg.clamp_min(0.0)}
         else:
             root = math.sqrt(damping)
@@ -186,6 +212,41 @@ class KFACLayer:
         self.pi = pi
         self._inverses = None
         self._reused = False
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the current eigen decomposition keeps fewer eigenpairs than a factor has."""
+        d = self.decomposition
+        return "qa" in d and (d["qa"].shape[1] < self.in_dim or d["qg"].shape[1] < self.out_dim)
+
+    def _precondition_truncated(self, m: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(G + r/pi I)^-1 m (A + pi r I)^-1`` from truncated eigenbases (see the module docstring).
+
+        Per decomposition and damping, each side caches either its damped inverse (a side that keeps
+        every eigenpair) or its basis scaled by ``1 / (d + r) - 1 / r``, so that a step is one
+        ``addmm`` per truncated side: ``M / r + (M Q_k S) Q_k^T``."""
+        d = self.decomposition
+        if self._inverses is None or self._inverses[0] != damping:
+            root = math.sqrt(damping)
+            ra, rg = self.pi * root, root / self.pi
+            sides = []
+            for q, values, shift, dim in ((d["qa"], d["da"], ra, self.in_dim), (d["qg"], d["dg"], rg, self.out_dim)):
+                if q.shape[1] == dim:  # every eigenpair: the damped inverse
+                    sides.append((q / (values + shift).unsqueeze(0)) @ q.t())
+                else:  # the scaled basis Q_k S
+                    sides.append(q * (1.0 / (values + shift) - 1.0 / shift).unsqueeze(0))
+            self._inverses = (damping, sides[0], sides[1])
+        _, a_side, g_side = self._inverses
+        assert a_side is not None and g_side is not None
+        root = math.sqrt(damping)
+        qa, qg = d["qa"], d["qg"]
+        if qa.shape[1] == self.in_dim:
+            m = m @ a_side
+        else:  # 2 out in k_a
+            m = torch.addmm(m, m @ a_side, qa.t(), beta=1.0 / (self.pi * root))
+        if qg.shape[1] == self.out_dim:
+            return g_side @ m
+        return torch.addmm(m, g_side, qg.t() @ m, beta=self.pi / root)  # 2 out k_g in
 
     def precondition(self, mat: torch.Tensor, damping: float) -> torch.Tensor:
         """``(A + pi r I)^-1 kron (G + r/pi I)^-1`` applied to ``vec(mat)``, ``r = sqrt(damping)``.
@@ -203,6 +264,9 @@ class KFACLayer:
         if not d:
             return mat
         m = mat if mat.dtype == self.dtype else mat.to(self.dtype)
+        if self.truncated:
+            out = self._precondition_truncated(m, damping)
+            return out if out.dtype == mat.dtype else out.to(mat.dtype)
         if "qa" in d and (self._inverses is None or self._inverses[0] != damping) and not self._reused:
             # first use of this decomposition: the four eigenbasis products are cheaper than
             # building the inverses (in^3 + out^3), which pay off only when the decomposition is reused
@@ -211,6 +275,8 @@ class KFACLayer:
             v = d["qg"].t() @ m @ d["qa"]  # (out, in) in the eigenbases
             v = v / ((d["dg"] + root / self.pi).unsqueeze(1) * (d["da"] + self.pi * root).unsqueeze(0))
             return (d["qg"] @ v @ d["qa"].t()).to(mat.dtype)
+        a_inv: torch.Tensor | None
+        g_inv: torch.Tensor | None
         if "qa" in d:
             if self._inverses is None or self._inverses[0] != damping:
                 root = math.sqrt(damping)
@@ -220,6 +286,7 @@ class KFACLayer:
             _, a_inv, g_inv = self._inverses
         else:
             a_inv, g_inv = d["a_inv"], d["g_inv"]
+        assert a_inv is not None and g_inv is not None
         out = g_inv @ m @ a_inv
         return out if out.dtype == mat.dtype else out.to(mat.dtype)
 
@@ -237,7 +304,8 @@ class KFACLayer:
         i, o = self.in_dim, self.out_dim
         zeros = not d
         if method == "eigen":
-            shapes = [(i, i), (i,), (o, o), (o,)]
+            ka, kg = self.kept(i), self.kept(o)
+            shapes = [(i, ka), (ka,), (o, kg), (kg,)]
             keys = ["qa", "da", "qg", "dg"]
             return [
                 torch.zeros(shape, dtype=self.dtype, device=self.device).reshape(-1)
@@ -265,9 +333,9 @@ class KFACLayer:
         if method == "eigen":
             qa, da, qg, dg = pieces
             self.decomposition = {
-                "qa": qa.reshape(i, i).clone(),
+                "qa": qa.reshape(i, self.kept(i)).clone(),
                 "da": da.clone(),
-                "qg": qg.reshape(o, o).clone(),
+                "qg": qg.reshape(o, self.kept(o)).clone(),
                 "dg": dg.clone(),
             }
         else:
@@ -275,6 +343,10 @@ class KFACLayer:
         self.pi = pi
         self._inverses = None
         self._reused = False
+
+    def kept(self, dim: int) -> int:
+        """Eigenpairs the eigen method keeps of a factor of size ``dim``."""
+        return dim if self.rank is None else min(dim, self.rank)
 
     def drop_factors(self) -> None:
         """Frees the running factors and hook data but keeps the decomposition (a non-owner that
@@ -331,6 +403,39 @@ class KFACLayer:
         self._inverses = None
         self._reused = bool(state.get("reused", False))
         self.rows_per_step = int(state["rows_per_step"])
+
+
+def top_eigenpairs(
+    mat: torch.Tensor, rank: int | None, start: torch.Tensor | None = None, iterations: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of a symmetric matrix, ascending like ``torch.linalg.eigh``.
+
+    Without ``start`` (or when every eigenpair is kept), a full ``eigh``, truncated. With ``start``,
+    the previous decomposition's ``(dim, rank)`` basis, ``iterations`` steps of subspace iteration
+    from it (``Q <- qr(mat Q)``) and a Rayleigh-Ritz ``eigh`` of ``Q^T mat Q``: ``dim^2 rank`` per
+    iteration instead of a full ``eigh``'s ``~dim^3``. Factors change slowly between decompositions,
+    so the warm start keeps the basis converged (each decomposition adds ``iterations`` steps).
+
+    Args:
+        mat: The ``(dim, dim)`` symmetric matrix.
+        rank: Eigenpairs to keep; ``None`` keeps all.
+        start: The previous basis, or ``None``.
+        iterations: Subspace-iteration steps from ``start``.
+
+    Returns:
+        ``(values, vectors)``: ``(k,)`` and ``(dim, k)``, ``k = min(rank, dim)``.
+    """
+    dim = mat.shape[0]
+    if rank is None or dim <= rank:
+        return torch.linalg.eigh(mat)
+    if start is None or start.shape != (dim, rank):
+        values, vectors = torch.linalg.eigh(mat)
+        return values[-rank:], vectors[:, -rank:].contiguous()
+    basis = start
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(mat @ basis)  # (dim, rank)
+    values, rotation = torch.linalg.eigh(basis.t() @ mat @ basis)  # Rayleigh-Ritz, (rank, rank)
+    return values, basis @ rotation
 
 
 def _spd_inverse(mat: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,21 @@ class KFACOptions:
         factor_subsample: Build the factor statistics from every ``factor_subsample``-th example of
             each forward call (the rows of the others are not touched; ``G`` is rescaled to the whole
             batch). 1 (default) uses every example; 2-4 make factor steps cheaper on large batches.
+        position_subsample: Build the factor statistics from every ``position_subsample``-th sequence
+            position (dimension 1 of a Linear input with more than two dimensions) or output row (a
+            Conv2d); ``G`` is rescaled to all positions. Layers with one position per example (2-D
+            inputs) use every row; one warning counts them. For a sequence-first input (``(T, n, ...)``,
+            e.g. ``batch_first=False`` attention) dimension 1 is the batch: still a uniform subsample
+            of the rows. 1 (default) uses every position.
+        factor_rank: With ``method="eigen"``, keep only the ``factor_rank`` largest eigenpairs of a
+            factor wider than that; the rest of its spectrum is taken as 0, so those directions get
+            the damping alone. Preconditioning a layer then costs ``2 out in k`` multiply-adds on the
+            ``A`` side instead of ``out in^2``. ``None`` (default) keeps every eigenpair (exact K-FAC).
+        stagger_decompositions: Spread the layers' decompositions over the ``inv_update_steps``
+            steps of an interval (balanced by their ``in^3 + out^3`` cost, the same greedy as the
+            owners; with at least as many steps as layers, one layer per step), so no step pays for
+            all of them and, under ``dp``, no owner holds the others up; every layer still decomposes
+            once per interval, and all at step 0. Default ``False`` (all on multiples of the interval).
         skip_layers: Regular expressions; a layer whose qualified name or class name matches one
             (``re.search``) is left to the optimizer. Default none.
         fisher: Where ``G`` comes from. ``"empirical"``: the gradients of the training loss.
@@ -59,7 +74,7 @@ class KFACOptions:
             (classification). A callable ``output -> loss`` samples its own targets and returns the
             negative log-likelihood summed over the examples (``reduction="sum"``), so that its
             gradient is each example's own. Default ``"empirical"``; a sampled one is not supported
-            under pipeline strategies.
+            under pipeline strategies (``kfac.pipeline.check_pipeline_options``).
         fisher_output: Qualified name of the module whose output is the model's prediction (used
             by the sampled Fisher); ``None`` (default): the last preconditioned layer.
         fisher_seed: Seed of the sampled Fisher's random generator (offset by the rank). Default 0.
@@ -67,7 +82,8 @@ class KFACOptions:
     Raises:
         ValueError: On non-positive damping or KL-clip, update intervals below 1, a ``factor_decay``
             outside ``[0, 1)``, an unknown assignment, placement, method or ``fisher``, a bad
-            schedule or ``skip_layers`` pattern, or ``placement="owner"`` with ``"replicated"``.
+            schedule or ``skip_layers`` pattern, ``placement="owner"`` with ``"replicated"``, a subsample
+            or ``factor_rank`` below 1, or ``factor_rank`` with ``method="inverse"``.
         TypeError: On a hyperparameter that is neither a number, a callable nor a list of pairs.
     """
 
@@ -81,6 +97,9 @@ class KFACOptions:
     method: Literal["eigen", "inverse"] = "eigen"
     factored_damping: bool = True
     factor_subsample: int = 1
+    position_subsample: int = 1
+    factor_rank: int | None = None
+    stagger_decompositions: bool = False
     skip_layers: Sequence[str] = field(default_factory=tuple)
     fisher: Fisher = "empirical"
     fisher_output: str | None = None
@@ -109,11 +128,19 @@ class KFACOptions:
                 "`placement='owner'` with `assignment='replicated'`: replicated K-FAC preconditions every layer on"
                 " every rank; use placement='auto' (or 'all'), or assignment='dp' for owner placement."
             )
-        if isinstance(self.factor_subsample, bool) or not isinstance(self.factor_subsample, int):
-            raise TypeError(f"`factor_subsample={self.factor_subsample!r}` must be an integer >= 1, for example 2.")
-        if self.factor_subsample < 1:
+        for name in ("factor_subsample", "position_subsample", "factor_rank"):
+            value = getattr(self, name)
+            if value is None and name == "factor_rank":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}={value!r}` must be an integer >= 1, for example 2.")
+            if value < 1:
+                hint = "eigenpairs kept per factor" if name == "factor_rank" else "1 uses every one, 2 every second"
+                raise ValueError(f"`{name}={value}` must be >= 1 ({hint}).")
+        if self.factor_rank is not None and self.method != "eigen":
             raise ValueError(
-                f"`factor_subsample={self.factor_subsample}` must be >= 1 (1 uses every example, 2 every second)."
+                f"`factor_rank={self.factor_rank}` with `method={self.method!r}`: truncated eigenbases need"
+                " method='eigen'; use method='eigen' or factor_rank=None."
             )
         if self.method not in METHODS:
             raise ValueError(f"`method={self.method!r}` is unknown; use 'eigen' or 'inverse'.")
@@ -168,18 +195,6 @@ class KFACOptions:
     def sampled_fisher(self) -> bool:
         """Whether ``G`` comes from a backward pass on sampled targets (not the training loss)."""
         return self.fisher != "empirical"
-
-    def check_pipeline(self, where: str) -> None:
-        """Refuses what a pipeline cannot run: a sampled ``fisher`` (the prediction lives on the last stage only).
-
-        Args:
-            where: the strategy named in the error, e.g. ``"ChimeraStrategy"``.
-        """
-        if self.sampled_fisher:
-            raise ValueError(
-                f"`fisher={self.fisher!r}` is not supported under {where} (the prediction lives on the last stage"
-                " only); use fisher='empirical'."
-            )
 
     def at(self, name: str, step: int) -> float:
         """A hyperparameter's value at an optimizer step, checked.

@@ -25,7 +25,13 @@ Design decisions:
   the factor is divided out of ``G`` like an AMP loss scale.
 - KL-clip: ``sum lr^2 <v, g>`` is taken over the replica-0 copies (each stage once) and summed over
   the pipeline, so every rank uses the single-device clip factor.
-- Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective).
+- Sampled Fisher (``fisher="gaussian"``, ``"categorical"`` or a callable): on factor-update steps
+  a second backward rides the schedule (:class:`~lightning_parallel.kfac.pipeline_fisher.SampledFisherPass`,
+  installed as the runtime's ``side_backward``) from the last stage's output with the sampled
+  targets' gradient, through every stage with the schedule's own sends, recording ``G`` only; the
+  whole batch's random numbers are drawn in one call, so the samples equal one device's.
+- Checkpoints: :meth:`state_dict` gathers every rank's layers over the pipeline (a collective), and
+  the sampled Fisher's generator of a rank holding a last stage (the only ranks that draw).
 - A rank whose stages hold no supported layer warns once and keeps taking part in every
   collective (KL-clip sum, checkpoint gather), so the other ranks never wait for it.
 """
@@ -40,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_parallel.kfac.options import KFACOptions
+from lightning_parallel.kfac.pipeline_fisher import SampledFisherPass
 from lightning_parallel.kfac.preconditioner import KFACPreconditioner
 
 
@@ -59,8 +66,10 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
             recorded output gradients carry it too: it is divided out of ``G``. Default 1.
 
     Raises:
-        ValueError: If ``assignment="dp"`` with several pipeline replicas, or a sampled ``fisher``.
+        ValueError: If ``assignment="dp"`` with several pipeline replicas, or ``fisher_output`` is set.
     """
+
+    samples_in_forward = False  # the sampled Fisher's backward rides the schedule: ``sampled_pass``
 
     def __init__(
         self,
@@ -73,16 +82,11 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         accumulate_grad_batches: int = 1,
     ) -> None:
         options = options if options is not None else KFACOptions()
-        options.check_pipeline("a pipeline strategy")
         distributed = dist.is_available() and dist.is_initialized()
         dp_size = (
             dist.get_world_size(data_parallel_group) if distributed and data_parallel_group is not None else 1
         )
-        if dp_size > 1 and options.assignment == "dp":
-            raise ValueError(
-                f"`assignment='dp'` with {dp_size} data-parallel pipeline replicas is not supported under a pipeline"
-                " strategy; use assignment='replicated' (or one pipeline replica)."
-            )
+        check_pipeline_options(options, "a pipeline strategy", data_parallel_size=dp_size)
         nested = _nested(stage_modules)
         super().__init__(nested, options, group=data_parallel_group if dp_size > 1 else None, allow_empty=True)
         if not self.layers:
@@ -100,6 +104,8 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         self.pair_group = pair_group if distributed else None
         # the pair exchange order: by stage, then layer name, identical on both holders
         self._pair_order = sorted(range(len(self.layers)), key=lambda i: _stage_key(self.layers[i].name))
+        # the runtime's side_backward for the sampled Fisher (None for the empirical one)
+        self.sampled_pass = SampledFisherPass(self) if self.options.sampled_fisher else None
 
     # ------------------------------------------------------------------ factors
     def step(self, optimizer: torch.optim.Optimizer | None = None, grad_scale: float = 1.0) -> None:
@@ -181,9 +187,37 @@ class PipelineKFACPreconditioner(KFACPreconditioner):
         state = super().state_dict()
         if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
             gathered: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
-            dist.all_gather_object(gathered, state["layers"], group=self.pipeline_group)
-            state["layers"] = {name: layer for part in gathered for name, layer in part.items()}
+            dist.all_gather_object(gathered, (state["layers"], state.get("fisher_rng")), group=self.pipeline_group)
+            state["layers"] = {name: layer for part, _ in gathered for name, layer in part.items()}
+            # only ranks holding a last stage draw, all alike: any of theirs is every rank's state
+            state["fisher_rng"] = next((rng for _, rng in gathered if rng is not None), None)
         return state
+
+
+def check_pipeline_options(options: KFACOptions, where: str, *, data_parallel_size: int = 1) -> None:
+    """Refuses what K-FAC cannot do under a pipeline: the one place of these rules (``DPKFAC`` calls it
+    at setup, before the pipeline exists, and the preconditioner when it is built).
+
+    Args:
+        options: The K-FAC options.
+        where: The strategy named in the error, e.g. ``"ChimeraStrategy"``.
+        data_parallel_size: Pipeline replicas (1 when not known yet).
+
+    Raises:
+        ValueError: On ``fisher_output`` with a sampled ``fisher`` (the prediction is the last
+            stage's output), or ``assignment="dp"`` with several pipeline replicas (the two holders
+            of a stage need the same layers locally).
+    """
+    if options.sampled_fisher and options.fisher_output is not None:
+        raise ValueError(
+            f"`fisher_output={options.fisher_output!r}` is not supported under {where}: the sampled Fisher's"
+            " prediction is the last stage's output (what pipeline_loss receives); use fisher_output=None."
+        )
+    if data_parallel_size > 1 and options.assignment == "dp":
+        raise ValueError(
+            f"`assignment='dp'` with {data_parallel_size} data-parallel pipeline replicas is not supported under"
+            f" {where}; use assignment='replicated' (or one pipeline replica)."
+        )
 
 
 def _nested(stage_modules: dict[tuple[int, int], nn.Module]) -> nn.ModuleDict:

@@ -95,13 +95,25 @@ class KFACPreconditioner:
             ``allow_empty``).
     """
 
+    # the sampled Fisher's backward starts at the prediction's forward hook (a pipeline runs its own pass)
+    samples_in_forward = True
+
     def __init__(
         self, model: nn.Module, options: KFACOptions | None = None, group: Any = None, *, allow_empty: bool = False
     ) -> None:
         self.options = options if options is not None else KFACOptions()
         self.comm = Communicator(group)
         # the layer registry says which modules are linear-like and how to read them
-        self.layers = [KFACLayer(t.name, t, self.options.factor_subsample) for t in find_targets(model, self._skipped)]
+        self.layers = [
+            KFACLayer(
+                t.name,
+                t,
+                self.options.factor_subsample,
+                position_subsample=self.options.position_subsample,
+                rank=self.options.factor_rank,
+            )
+            for t in find_targets(model, self._skipped)
+        ]
         self.coverage = weight_coverage(model, [layer.weight for layer in self.layers], "K-FAC")
         # dtype and device of the small tensors K-FAC communicates (a rank without layers needs them too)
         first = self.layers[0].weight if self.layers else next(model.parameters(), None)
@@ -119,6 +131,8 @@ class KFACPreconditioner:
         if self.comm.world_size == 1:
             self.placement = "all"
         self.costs_by_placement: dict[str, dict[str, float]] = {}  # the cost model's figures, once placed
+        self._warned_positions = False  # position_subsample: the layers without positions, warned once
+        self._slots: dict[int, list[int]] = {}  # stagger_decompositions: interval -> each layer's step in it
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
         # the counters' clock; ``time.process_time`` measures CPU work on oversubscribed machines
         self.clock: Callable[[], float] = time.perf_counter
@@ -129,7 +143,7 @@ class KFACPreconditioner:
         self._generator: torch.Generator | None = None
         self._output_module = (
             prediction_module(model, self.options.fisher_output, self.layers[-1].module)
-            if self.options.sampled_fisher
+            if self.options.sampled_fisher and self.samples_in_forward
             else None
         )
         # forward hooks are registered only while the next step updates the factors, and only on
@@ -256,8 +270,9 @@ class KFACPreconditioner:
         if self.options.is_update_step("factor_update_steps", step):
             # the sampled Fisher's backward is not scaled by an AMP scaler
             self._update_factors(step, 1.0 if self.options.sampled_fisher else grad_scale)
-        if self.options.is_update_step("inv_update_steps", step):
-            self._decompose(step)
+        due = self._decompositions_due(step)
+        if due is not None:
+            self._decompose(step, due)
         self._precondition(step, optimizer)
         for layer in self.layers:
             layer.reset_accumulators()
@@ -267,6 +282,8 @@ class KFACPreconditioner:
     def _update_factors(self, step: int, grad_scale: float) -> None:
         if self.owners is None:
             self._assign()
+        if self.options.position_subsample > 1 and not self._warned_positions:
+            self._warn_positionless()
         start = self.clock()
         batch = [
             layer.batch_factors(grad_scale, per_example=self.options.sampled_fisher)
@@ -290,6 +307,21 @@ class KFACPreconditioner:
                 continue
             layer.update_factors(*factors, decay)
         self.counters["factor_seconds"] += self.clock() - start
+
+    def _warn_positionless(self) -> None:
+        """Warns once which recorded layers ``position_subsample`` cannot thin (one position per example)."""
+        seen = [layer for layer in self.layers if layer.has_positions is not None]
+        if not seen:
+            return
+        self._warned_positions = True
+        without = [layer.name for layer in seen if not layer.has_positions]
+        if without:
+            warnings.warn(
+                f"K-FAC: position_subsample={self.options.position_subsample} thins {len(seen) - len(without)} of the"
+                f" {len(seen)} layers this rank records; the other {len(without)} ({without[:3]}...) have one position"
+                " per example and use every row.",
+                stacklevel=3,
+            )
 
     def _assign(self) -> None:
         """Fixes the owners from the first step's rows (``dp``); non-owners drop their hook data."""
@@ -322,6 +354,7 @@ class KFACPreconditioner:
             [(layer.in_dim, layer.out_dim) for layer in self.layers],
             self.owners,
             method=self.options.method,
+            factor_rank=self.options.factor_rank,
             factor_update_steps=fus,
             inv_update_steps=ius,
             element_size=self.dtype.itemsize,
@@ -378,11 +411,31 @@ class KFACPreconditioner:
             out.append((a.to(layer.dtype), g.to(layer.dtype)))
         return out
 
-    def _decompose(self, step: int) -> None:
+    def _decompositions_due(self, step: int) -> list[bool] | None:
+        """Which layers decompose at ``step`` (``None``: none). Without staggering every layer on
+        multiples of ``inv_update_steps``; with it, every layer at step 0 and then each at its own
+        step of the interval (:meth:`_stagger_slots`)."""
+        if not self.options.stagger_decompositions or step == 0:
+            return [True] * len(self.layers) if self.options.is_update_step("inv_update_steps", step) else None
+        interval = int(self.options.at("inv_update_steps", step))
+        due = [slot == step % interval for slot in self._stagger_slots(interval)]
+        return due if any(due) else None
+
+    def _stagger_slots(self, interval: int) -> list[int]:
+        """Each layer's step within an interval of ``interval`` steps, by longest-processing-time
+        greedy on the layers' decomposition cost (``in^3 + out^3``): the same on every rank and for
+        any owners, so staggered DP-KFAC gives single-process staggered K-FAC's update. With at least
+        as many steps in the interval as layers, no step decomposes two layers, on any owner."""
+        if interval not in self._slots:
+            costs = [float(layer.in_dim**3 + layer.out_dim**3) for layer in self.layers]
+            self._slots[interval] = assign_owners(costs, interval)
+        return self._slots[interval]
+
+    def _decompose(self, step: int, due: list[bool]) -> None:
         start = self.clock()
         damping = self.options.at("damping", step)
         for index, layer in enumerate(self.layers):
-            if not self.is_local(index):
+            if not (self.is_local(index) and due[index]):
                 continue
             if layer.a_factor is None or layer.g_factor is None:
                 if layer.name not in self.warned_silent:
@@ -403,17 +456,17 @@ class KFACPreconditioner:
         self.counters["decomposition_seconds"] += self.clock() - start
         if self.placement == "all" and self.options.assignment == "dp" and self.comm.world_size > 1:
             start = self.clock()
-            self._broadcast_decompositions()
+            self._broadcast_decompositions(due)
             self.counters["communication_seconds"] += self.clock() - start
 
-    def _broadcast_decompositions(self) -> None:
-        """``placement="all"``: each owner rank broadcasts its layers' decompositions (one broadcast
-        per owner); every rank, the owner included, installs the received copy."""
+    def _broadcast_decompositions(self, due: list[bool]) -> None:
+        """``placement="all"``: each owner rank broadcasts the decompositions of its layers that were
+        due (one broadcast per owner); every rank, the owner included, installs the received copy."""
         assert self.owners is not None
         method = self.options.method
         dtype = self.dtype
         for rank in range(self.comm.world_size):
-            owned = [i for i, owner in enumerate(self.owners) if owner == rank]
+            owned = [i for i, owner in enumerate(self.owners) if owner == rank and due[i]]
             if not owned:
                 continue
             pieces = [[p.to(dtype) for p in self.layers[i].decomposition_tensors(method)] for i in owned]

@@ -74,7 +74,9 @@ def check_pipeline_protocol(module: object, *, who: str) -> None:
             f"{type(module).__name__} lacks {', '.join(missing)}. Add `pipeline_blocks()` (the ordered "
             "blocks, an nn.Sequential), `pipeline_input(batch)` (the first block's input) and "
             "`pipeline_loss(output, batch)` (the loss of the last block's output); see the README's "
-            "'Pipeline protocol' section."
+            "'Pipeline protocol' section. Or let the strategy supply them without touching the module: "
+            "blocks='model.layers' (an nn.Sequential/nn.ModuleList trunk, with pre=, post=, loss=), adapter='hf' "
+            "(a Hugging Face causal LM) or adapter='traced' (split a traceable module); see docs/models.md."
         )
 
 

@@ -24,7 +24,9 @@ Design decisions:
 - ``trace`` records each action's (start, end) in seconds since the step began, starting after the
   action's input arrived, so waiting shows as idle time.
 - A receive, send or all-reduce that does not complete within ``timeout_s`` (or whose peer's connection
-  closed) raises a ``RuntimeError`` naming the peer.
+  closed) raises a ``RuntimeError`` naming the peer; when the peer's process is gone (checked with the
+  table of :mod:`lightning_parallel.peers`), a :class:`~lightning_parallel.peers.PeerLost` naming the dead
+  rank, for the posting of a send or receive too (gloo raises there when the connection is already closed).
 
 This module imports no Lightning.
 """
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_parallel.peers import transfer_failure
 from lightning_parallel.pipeline.groups import PipelineGroups
 from lightning_parallel.pipeline.schedule import Action, ActionKind, Schedule
 from lightning_parallel.utils.flat import flatten, unflatten
@@ -49,7 +52,7 @@ __all__ = ["PipelineRuntime"]
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
 _HEADER = 16  # dtype code, ndim, up to 14 dims
 _ACT, _HEAD, _GRAD = 0, 1, 2
-_TRAIN, _EVAL = 0, 1
+_TRAIN, _EVAL, _SIDE = 0, 1, 2
 
 
 def _signature(batch: Any) -> tuple[Any, ...]:
@@ -116,6 +119,11 @@ class PipelineRuntime:
         self._known: set[tuple[Any, ...]] = set()
         self._shapes: dict[tuple[Any, ...], tuple[torch.dtype, tuple[int, ...]]] = {}
         self._sends: list[tuple[Any, Tensor, int]] = []
+        # a second backward riding this schedule's sends (K-FAC's sampled Fisher): ``begin(micro_batches)``
+        # says whether the step runs it, ``last_forward(replica, m, output)`` sees each last-stage output,
+        # ``backward(module, replica, stage, m, x, out, grad)`` returns the input's gradient (``out`` and
+        # ``grad`` are None at the last stage); its gradients travel after the real ones, in their order
+        self.side_backward: Any = None
 
     # ------------------------------------------------------------------ communication
     def _tag(self, space: int, kind: int, replica: int, stage: int, micro_batch: int) -> int:
@@ -129,14 +137,18 @@ class PipelineRuntime:
         try:
             work.wait(self.timeout)
         except RuntimeError as err:
-            raise RuntimeError(
-                f"Pipeline rank {self.groups.pipeline_rank} (global rank {self.groups.global_rank}) gave up on "
-                f"{what} with global rank {peer} after at most {self.timeout_s:g} s: the peer died, hung or "
-                f"is running a different schedule ({err})."
-            ) from err
+            raise self._failure(err, what, peer) from err
+
+    def _failure(self, err: RuntimeError, what: str, peer: int) -> BaseException:
+        """The error to raise for a failed transfer: the dead rank named, else the peer and the timeout."""
+        who = f"Pipeline rank {self.groups.pipeline_rank} (global rank {self.groups.global_rank})"
+        return transfer_failure(err, what, who=who, peer=peer, timeout_s=self.timeout_s)
 
     def _isend(self, tensor: Tensor, peer: int, tag: int, replica: int) -> None:
-        work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        try:
+            work = dist.isend(tensor, dst=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        except RuntimeError as err:
+            raise self._failure(err, "posting a send", peer) from err
         # let go of the tensors of sends that finished (raising if one failed), so memory stays bounded
         pending = []
         for entry in self._sends:
@@ -150,7 +162,10 @@ class PipelineRuntime:
         self, shape: tuple[int, ...], dtype: torch.dtype, peer: int, tag: int, replica: int, what: str
     ) -> Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        work = dist.irecv(buf, src=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        try:
+            work = dist.irecv(buf, src=peer, tag=tag, group=self.groups.p2p_groups[replica])
+        except RuntimeError as err:
+            raise self._failure(err, f"posting the receive of {what}", peer) from err
         self._wait(work, f"receiving {what}", peer)
         return buf
 
@@ -207,6 +222,7 @@ class PipelineRuntime:
         reductions: list[tuple[Any, Tensor, list[nn.Parameter], int]] = []
         total = torch.zeros((), device=self.device)
         self.trace = []
+        side = self.side_backward if self.side_backward is not None and self.side_backward.begin(micro_batches) else None
         t0 = time.perf_counter()
         for action in self.actions:
             start = time.perf_counter() - t0
@@ -225,6 +241,8 @@ class PipelineRuntime:
                         x.requires_grad_(True)
                 out = module(x)
                 if s == last:
+                    if side is not None:
+                        side.last_forward(rep, m, out)
                     loss = self.loss_fn(out, mb)
                     total = total + loss.detach() / n
                     stash[key3] = [x, loss / n, None]
@@ -243,6 +261,7 @@ class PipelineRuntime:
                     )
                     start = time.perf_counter() - t0
                 send_grad = s > 0 and x.requires_grad
+                side_grad_x = None if side is None else self._side_step(side, action, module, x, out, last)
                 if action.kind is ActionKind.BACKWARD:
                     if out.requires_grad:
                         torch.autograd.backward(out, grad)
@@ -258,6 +277,10 @@ class PipelineRuntime:
                         grad_x = torch.zeros_like(x)
                     tag = self._tag(_TRAIN, _GRAD, rep, s - 1, m)
                     self._isend(grad_x.contiguous(), self._peer(rep, s - 1), tag, rep)
+                    if side is not None:
+                        side_x = side_grad_x if side_grad_x is not None else torch.zeros_like(x)
+                        tag = self._tag(_SIDE, _GRAD, rep, s - 1, m)
+                        self._isend(side_x.contiguous(), self._peer(rep, s - 1), tag, rep)
             elif action.kind is ActionKind.BACKWARD_WEIGHT:
                 x, out, grad = stash.pop(key3)
                 params = [p for p in module.parameters() if p.requires_grad]
@@ -271,6 +294,19 @@ class PipelineRuntime:
             self._unflatten(flat, params)
         self._finish_sends()
         return total
+
+    def _side_step(
+        self, side: Any, action: Action, module: nn.Module, x: Tensor, out: Tensor, last: int
+    ) -> Tensor | None:
+        """The side backward of one (replica, stage, micro-batch), on the graph the real backward frees next."""
+        rep, s, m = action.replica, action.stage, action.micro_batch
+        if s == last:
+            return side.backward(module, rep, s, m, x, None, None)  # type: ignore[no-any-return]
+        tag = self._tag(_SIDE, _GRAD, rep, s, m)
+        grad = self._recv(
+            tuple(out.shape), out.dtype, self._peer(rep, s + 1), tag, rep, f"the side output gradient of {action}"
+        )
+        return side.backward(module, rep, s, m, x, out, grad)  # type: ignore[no-any-return]
 
     @torch.no_grad()
     def forward_only(self, micro_batches: Sequence[Any]) -> list[tuple[int, Tensor]]:
@@ -325,7 +361,10 @@ class PipelineRuntime:
             if params
             else torch.zeros(1, device=self.device)
         )
-        work = dist.all_reduce(flat, group=self.groups.stage_groups[stage], async_op=True)
+        try:
+            work = dist.all_reduce(flat, group=self.groups.stage_groups[stage], async_op=True)
+        except RuntimeError as err:
+            raise self._failure(err, f"starting the all-reduce of stage {stage}'s gradients", self._pair_peer()) from err
         return work, flat, params, stage
 
     @staticmethod

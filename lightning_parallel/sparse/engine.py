@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -168,6 +168,8 @@ class SparseEngine:
         self.masks: dict[str, torch.Tensor] = {}
         self.sparse: dict[str, SparseLinear] = {}
         self.weights: dict[str, torch.Tensor] = {}  # the masked layers' weights
+        self.elsewhere: dict[str, int] = {}  # masked layers another pipeline rank trains -> their numel
+        self.sparse_elsewhere: set[str] = set()  # sparse layers another pipeline rank trains
         for name, module in layers.items():
             if isinstance(module, SparseLinear):
                 self.sparse[name] = module
@@ -188,7 +190,50 @@ class SparseEngine:
                 "`execution='sparse'` runs plain nn.Linear layers only and the model has none left sparse "
                 f"(covered: {sorted({type(m).__name__ for m in layers.values()})}); use execution='masked'."
             )
+        self._order = list(self.masks)  # every masked layer, in the order SET draws its random numbers
         self.apply_masks()
+
+    def keep_only(self, held: Mapping[str, nn.Module | torch.Tensor]) -> list[str]:
+        """Keep the layers named in ``held``, rebound to the given module or weight; drop the others.
+
+        Under a pipeline strategy a rank trains only some stages, and a stage may be a copy of the module's
+        blocks (Chimera's second pipeline): ``held`` maps the engine's layer names to the layers this rank
+        trains. The dropped layers' masks and patterns are freed; SET still draws the random numbers of dropped
+        masked layers at every update (``elsewhere``), so the held layers' decisions equal those of one engine
+        over the whole model.
+
+        Args:
+            held: engine layer name -> the module (or registry weight tensor) this rank trains under that name.
+
+        Returns:
+            The names of the layers dropped.
+
+        Raises:
+            ValueError: for SET with sparse layers to drop (its draws for a sparse layer depend on the layer's
+                pattern, which only the ranks holding it know).
+        """
+        dropped_sparse = [name for name in self.sparse if name not in held]
+        if dropped_sparse and self.method == "set":
+            raise ValueError(
+                f"SET in sparse execution cannot split its random stream by stage ({len(dropped_sparse)} sparse "
+                "layer(s) live on other ranks): use method='rigl' or 'static', or execution='masked'."
+            )
+        dropped = [name for name in self.masks if name not in held]
+        for name in dropped:
+            self.elsewhere[name] = self.masks.pop(name).numel()
+            del self.weights[name]
+        for name in self.masks:
+            self.weights[name] = _weight(held[name])
+        for name in dropped_sparse:
+            del self.sparse[name]
+            self.sparse_elsewhere.add(name)
+        for name in self.sparse:
+            layer = held[name]
+            if not isinstance(layer, SparseLinear):
+                raise TypeError(f"{name} is sparse in the engine but the held layer is {type(layer).__name__}.")
+            self.sparse[name] = layer
+        self.apply_masks()
+        return dropped + dropped_sparse
 
     @property
     def masked_by_sparse_fallback(self) -> int:
@@ -225,7 +270,7 @@ class SparseEngine:
     @torch.no_grad()
     def update(
         self, step: int, *, stop_at: int, optimizer: torch.optim.Optimizer | None = None,
-        reduce: Reduce | None = None,
+        reduce: Reduce | Mapping[str, Reduce] | None = None,
     ) -> float:
         """Drop and grow in every layer; returns the drop fraction used.
 
@@ -234,11 +279,16 @@ class SparseEngine:
             stop_at: the step of the last update (the cosine reaches 0 there).
             optimizer: its per-weight state is zeroed or moved with the weights.
             reduce: all-reduce mean over replicas of RigL's dense gradient blocks of sparse layers (masked layers
-                read ``weight.grad``, already averaged by data parallelism).
+                read ``weight.grad``, already averaged by data parallelism); a mapping gives one per sparse layer
+                (under a pipeline, the holders of each layer's stage).
         """
         fraction = drop_fraction_at(step, initial=self.drop_fraction, stop_at=stop_at, decay=self.decay)
-        for name, mask in self.masks.items():
-            weight = self.weights[name]
+        for name in self._order:
+            if name not in self.masks:  # trained by another pipeline rank: keep SET's random stream in step
+                if self.method == "set" and name in self.elsewhere:
+                    torch.rand(self.elsewhere[name], generator=self.generator)
+                continue
+            weight, mask = self.weights[name], self.masks[name]
             if self.method == "rigl":
                 if weight.grad is None:
                     raise RuntimeError(f"RigL needs the gradient of {name}.weight at the update step.")
@@ -250,13 +300,14 @@ class SparseEngine:
             for state in _param_states(optimizer, weight):
                 state.mul_(keep)
             self.masks[name] = new
-        for layer in self.sparse.values():
+        for name, layer in self.sparse.items():
             kept = kept_entries(layer.values, fraction, self.method)
             count = layer.values.numel() - kept.numel()
             exclude = layer.indices[kept]
             numel = math.prod(layer.weight_shape)
             if self.method == "rigl":
-                grown = dense_grad_top(layer, exclude, count, reduce=reduce)
+                layer_reduce = reduce.get(name) if isinstance(reduce, Mapping) else reduce
+                grown = dense_grad_top(layer, exclude, count, reduce=layer_reduce)
             else:
                 grown = random_positions(numel, exclude, count, self.generator)
             regrow(layer, kept, grown, _param_states(optimizer, layer.values))
@@ -304,15 +355,20 @@ class SparseEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore masks, patterns and the generator (the model must have been built by this engine's config)."""
-        unknown = (set(state["masks"]) - set(self.masks)) | (set(state["patterns"]) - set(self.sparse))
+        unknown = (set(state["masks"]) - set(self.masks) - set(self.elsewhere)) | (
+            set(state["patterns"]) - set(self.sparse) - self.sparse_elsewhere
+        )
         if unknown:
             raise ValueError(
                 f"The checkpoint's sparse layers {sorted(unknown)} are not sparse here (masked: {sorted(self.masks)}, "
                 f"sparse: {sorted(self.sparse)}): resume with the same method, distribution and execution."
             )
         for name, mask in state["masks"].items():
-            self.masks[name] = mask.to(self.masks[name].device)
+            if name in self.masks:  # a layer another pipeline rank trains keeps its mask there
+                self.masks[name] = mask.to(self.masks[name].device)
         for name, pattern in state["patterns"].items():
+            if name not in self.sparse:  # a layer another pipeline rank trains keeps its pattern there
+                continue
             layer = self.sparse[name]
             layer.load_pattern(pattern["indices"].to(layer.indices.device), pattern["values"].to(layer.values))
         self.generator.set_state(state["generator"])

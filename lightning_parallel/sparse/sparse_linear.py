@@ -18,8 +18,9 @@ kernels:
 - weight gradient ``dvalues = (dy^T x)`` sampled on the pattern: ``torch.sparse.sampled_addmm`` (no dense
   ``out x in`` matrix is ever formed).
 
-RigL needs the dense gradient at mask-update steps: with ``record = True`` the next backward keeps ``x`` and
-``dy`` so :func:`dense_grad_top` can find the largest entries of ``dy^T x`` row block by row block.
+RigL needs the dense gradient at mask-update steps: with ``record = True`` every backward keeps its ``x`` and
+``dy`` (appended, so the micro-batches of a pipeline step or accumulated batches together give the step's
+gradient) so :func:`dense_grad_top` can find the largest entries of ``dy^T x`` row block by row block.
 
 The pattern is the sorted flat (row-major) index of each nonzero, ``indices``; ``values[i]`` is the weight at
 ``indices[i]``. Changing the pattern keeps ``values`` the same Parameter (same length: drop-and-grow keeps
@@ -53,8 +54,12 @@ class _SparseMatmul(torch.autograd.Function):
         x, values = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
         grad_out = grad_out.contiguous()
-        if layer.record:
-            layer.recorded = (x.detach(), grad_out.detach())
+        if layer.record:  # every backward of the step (micro-batches): their rows together give its gradient
+            previous = layer.recorded
+            if previous is None:
+                layer.recorded = (x.detach(), grad_out.detach())
+            else:
+                layer.recorded = (torch.cat([previous[0], x.detach()]), torch.cat([previous[1], grad_out.detach()]))
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             transposed = _csr(

@@ -137,7 +137,8 @@ class PipelineSteps:
                         raise ValueError(
                             f"Parameter {names.get(id(param), '?')} is shared by stages {other} and {stage} of "
                             f"partition={self.sizes}; tied weights must sit in one stage: choose a partition "
-                            "that keeps the blocks sharing it together, or untie them."
+                            "that keeps the blocks sharing it together, untie them, or use ChimeraStrategy(stage_local=True) "
+                            "(a copy per stage, gradients summed)."
                         )
         block_params = {id(p) for block in self.blocks for p in block.parameters()}
         outside = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in block_params]

@@ -69,6 +69,11 @@ class AuxNetStrategy(LocalLearningStrategy):
         aux_lr: learning rate of the refits. Default 3e-3.
         oracle: feed every stage the previous stage's true output instead of its auxiliary network's (serial;
             for tests). Default False.
+        stage_input_gradient: differentiate each stage's local loss through the stage into its auxiliary input
+            (one input-gradient pass per stage and micro-batch); False trains the stages on their auxiliary
+            inputs as constants. Default True.
+        true_input_loss: at every refit the last stage also trains on its true input with the task loss.
+            Default False.
         synchronous: flush after every optimizer step (same results, more idle time). Default False.
         timeout_s: seconds a rank waits for a peer (process group and transfers). Default 300.
         start_method: process launch: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
@@ -93,6 +98,8 @@ class AuxNetStrategy(LocalLearningStrategy):
         aux_steps: int = 1,
         aux_lr: float = 3e-3,
         oracle: bool = False,
+        stage_input_gradient: bool = True,
+        true_input_loss: bool = False,
         synchronous: bool = False,
         timeout_s: float = 300.0,
         start_method: StartMethod = "popen",
@@ -107,6 +114,8 @@ class AuxNetStrategy(LocalLearningStrategy):
             aux_steps=aux_steps,
             aux_lr=aux_lr,
             oracle=oracle,
+            stage_input_gradient=stage_input_gradient,
+            true_input_loss=true_input_loss,
         )
         super().__init__(
             stages,

@@ -165,7 +165,9 @@ class InterlockingBackpropStrategy(LocalLearningStrategy):
         check_width(self.k, stages)
         held = stages_of_rank(self.global_rank, self.world_size, stages)
         protocol = self.pipeline_module
-        stage_blocks, heads = split_trunk(module, stages, self._sample_batch(trainer), partition=self.partition)
+        # One micro-batch, the shape the stages will see (a traced split is specialised on it).
+        sample = split_micro_batches(self._sample_batch(trainer), self.micro_batches)[0]
+        stage_blocks, heads = split_trunk(module, stages, sample, partition=self.partition)
         existing = getattr(module, HEADS_ATTRIBUTE, None)
         if isinstance(existing, nn.ModuleList) and len(existing) == len(heads):
             heads = list(existing)  # set up before (fit, then validate): keep the trained heads

@@ -6,7 +6,8 @@ neighbours, and so step without a global flush. What they share on the Lightning
 - every rank reads the same batch (``num_replicas=1``);
 - ``synchronous=True`` adds the flush after every optimizer step (messages received, then a barrier); by
   default there is none, and Lightning's blocking per-batch SIGTERM broadcast is replaced by an asynchronous
-  one acted on one step later;
+  one acted on one step later; so is the preemption agreement of ``PreemptionCheckpoint``
+  (:meth:`agree_on_signal`: ``SignalFlag.agreed_late`` on the gloo statistics group);
 - the step's statistics are all-reduced asynchronously and logged one step later with several processes
   (:meth:`reduce_late`), at once in single-process mode;
 - a sample batch of the run's data for building heads or auxiliary networks in ``setup``;
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.preemption import SignalFlag
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 from lightning_parallel.strategies.pipeline_base import PipelineStrategy, StartMethod
 
@@ -108,6 +110,12 @@ class LocalLearningStrategy(PipelineStrategy):
         if self.world_size > 1 and not self.synchronous and hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = self._broadcast_sigterm_deferred  # type: ignore[method-assign]
 
+    @override
+    def agree_on_signal(self, flag: SignalFlag) -> int | None:
+        if self.world_size > 1 and not self.synchronous and self._loss_group is not None:
+            return flag.agreed_late(group=self._loss_group)
+        return super().agree_on_signal(flag)
+
     def _broadcast_sigterm_deferred(self) -> None:
         trainer = self.lightning_module.trainer  # type: ignore[union-attr]
         flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0])
@@ -147,7 +155,9 @@ class LocalLearningStrategy(PipelineStrategy):
 
     @override
     def teardown(self) -> None:
-        if self.runtime is not None and self.world_size > 1 and dist.is_initialized():
+        # after an exception (a dead peer, a preemption) no rank waits for another: its peer may be gone
+        interrupted = self.interrupted_by is not None
+        if self.runtime is not None and self.world_size > 1 and dist.is_initialized() and not interrupted:
             for handle, _ in self._pending_losses + self._pending_sigterm:
                 handle.wait()
             self.runtime.finish()

@@ -33,6 +33,12 @@ Design decisions:
   stages is refused with the way out. ``restore_checkpoint_after_setup`` is True: the stages (and the
   optimizer slices) exist before a checkpoint is loaded into them.
 - ``predict`` is not supported: a checkpoint loads into the plain module for that.
+- Preemption and dead ranks: unless the Trainer already has one, a
+  :class:`~lightning_parallel.callbacks.PreemptionCheckpoint` is added in ``setup_environment`` (before the
+  callbacks' ``setup``), so SIGTERM only sets a flag, the ranks agree on it between steps
+  (:meth:`agree_on_signal`, never inside the schedule's sends and receives), write the checkpoint of the
+  last completed step and exit with status 143; and the table of the ranks' processes is published, with
+  which the runtimes name a dead rank. ``preemption_checkpoint=False`` keeps Lightning's own handling.
 
 Extension points (override these; each is called on every rank, in the same order):
 
@@ -66,12 +72,20 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_parallel.pipeline.adapters import (
+    PipelineAdapter,
+    check_adapter_options,
+    install_adapter,
+    resolve_adapter,
+)
 from lightning_parallel.pipeline.protocol import PipelineProtocol, check_pipeline_protocol
 from lightning_parallel.pipeline.stage_local import has_meta_tensors
+from lightning_parallel.preemption import SignalFlag
 from lightning_parallel.strategies._pipeline_checkpoint import broadcast_tensors, module_tensors
 from lightning_parallel.strategies.monitors import warn_unlogged_monitors
 from lightning_parallel.strategies.set_aside import SetAsideGradients
@@ -94,6 +108,22 @@ class PipelineStrategy(DDPStrategy):
             ``configure_model`` (which then runs on the meta device), off for a module built eagerly.
         save_distributed_checkpoint: write sharded checkpoint directories; ``None`` (default) means
             stage-local weights are on. A stage-local run needs True.
+        adapter: supplies the pipeline protocol for a module without its hooks
+            (:mod:`lightning_parallel.pipeline.adapters`): ``"hf"`` (a Hugging Face causal LM found in the module),
+            ``"hf:ATTRIBUTE"``, another registered name, or a ``PipelineAdapter``. Default ``None``: the module's
+            own hooks, else a Hugging Face model if the module holds one.
+        blocks: dotted name of the module's ``nn.Sequential``/``nn.ModuleList`` trunk, e.g. ``"model.layers"``
+            (the sequential-trunk adapter). Default ``None``.
+        pre: with ``blocks``: dotted name(s) of modules or methods applied before the trunk. Default ``None``.
+        post: with ``blocks``: dotted name(s) applied after the trunk (e.g. ``["norm", "head"]``). Default ``None``.
+        loss: with ``blocks``: ``"cross_entropy"`` (the default), ``"nll"``, ``"mse"``, or the dotted name of a
+            criterion module or a ``method(output, batch)`` of the module.
+        split_points: split the module by tracing (``torch.distributed.pipelining.pipeline``; the ``"traced"``
+            adapter): dotted names of the submodules that start stages 1, 2, ... (``stages - 1`` of them), or
+            ``"auto"`` (an even split of the longest ``nn.ModuleList``). ``loss`` applies as with ``blocks``.
+            Default ``None``.
+        preemption_checkpoint: add a :class:`~lightning_parallel.callbacks.PreemptionCheckpoint` when the
+            Trainer has none (SIGTERM writes a checkpoint and exits with 143). Default True.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``).
@@ -116,11 +146,25 @@ class PipelineStrategy(DDPStrategy):
         start_method: StartMethod = "popen",
         stage_local: bool | None = None,
         save_distributed_checkpoint: bool | None = None,
+        adapter: str | PipelineAdapter | None = None,
+        blocks: str | None = None,
+        pre: str | list[str] | None = None,
+        post: str | list[str] | None = None,
+        loss: str | None = None,
+        split_points: str | list[str] | None = None,
+        preemption_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        check_adapter_options(adapter=adapter, blocks=blocks, pre=pre, post=post, loss=loss, split_points=split_points)
+        self.split_points = split_points
+        self.adapter, self.blocks, self.pre, self.post, self.loss = adapter, blocks, pre, post, loss
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive, e.g. 300.")
+        if not isinstance(preemption_checkpoint, bool):
+            raise TypeError(f"preemption_checkpoint={preemption_checkpoint!r} must be True or False.")
         super().__init__(timeout=timedelta(seconds=timeout_s), start_method=start_method, **kwargs)
+        self.preemption_checkpoint = preemption_checkpoint
+        self.interrupted_by: BaseException | None = None
         if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
             raise ValueError(f"stages={stages!r} must be a positive number of pipeline stages, e.g. 2 or 4.")
         self.stages = stages
@@ -212,9 +256,35 @@ class PipelineStrategy(DDPStrategy):
             )
         return sizes
 
+    # ------------------------------------------------------------------ preemption
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if self.preemption_checkpoint and trainer is not None:
+            from lightning_parallel.callbacks.preemption import PreemptionCheckpoint
+
+            if not any(isinstance(callback, PreemptionCheckpoint) for callback in trainer.callbacks):
+                trainer.callbacks.append(PreemptionCheckpoint())
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self.interrupted_by = exception  # teardown then waits for no peer (one may be dead)
+
+    def agree_on_signal(self, flag: SignalFlag) -> int | None:
+        """The signal any rank received, agreed by every rank at the end of a training batch (a collective).
+
+        Called by :class:`~lightning_parallel.callbacks.PreemptionCheckpoint` after every training batch, when
+        the step's schedule has finished on this rank. The default is one blocking 4-byte all-reduce.
+        """
+        return flag.agreed(device=self.root_device)
+
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        self.interrupted_by = None
         module = self._begin_setup(trainer)
         self.model_to_device()
         self.configure_stages(trainer, module)
@@ -242,6 +312,7 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None:
             raise RuntimeError(f"{name}.setup called without a LightningModule.")
+        self._install_adapter(trainer, module)
         check_pipeline_protocol(module, who=name)
         if not module.automatic_optimization:
             raise ValueError(
@@ -344,6 +415,20 @@ class PipelineStrategy(DDPStrategy):
         self._check_stage_local(meta_built, self._requested_sharded)
         if self._requested_sharded is None:
             self.save_distributed_checkpoint = meta_built
+    def _install_adapter(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Give ``module`` the pipeline protocol through an adapter when it lacks the hooks (or was given one)."""
+        adapter = resolve_adapter(
+            module, adapter=self.adapter, blocks=self.blocks, pre=self.pre, post=self.post, loss=self.loss,
+            split_points=self.split_points,
+        )
+        if adapter is None:
+            return
+        from lightning_parallel.strategies.local_learning import LocalLearningStrategy
+
+        install_adapter(module, adapter, sample_batch=lambda: LocalLearningStrategy._sample_batch(trainer))
+        rank_zero_info(
+            f"{type(self).__name__}: {adapter.describe()} supplies the pipeline protocol of {type(module).__name__}."
+        )
 
     def configure_stages(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Build this rank's stages (or prepare to build them at the first batch). Called by ``setup``.

@@ -186,3 +186,53 @@ def test_rho_schedule() -> None:
     assert [schedule.value(t) for t in range(4)] == [0.5, 1.0, 2.0, 3.0]
     assert RhoSchedule(0.5).value(10**6) == 0.5
     assert RhoSchedule(1.0, growth=2.0).value(10**6) < math.inf  # no overflow
+
+
+def test_without_the_stage_input_gradient_the_stages_see_constant_inputs() -> None:
+    """stage_input_gradient=False: the gradient of J with every stage run on sg(z_s) (the auxiliary networks
+    learn only from the constraint at their stage's input)."""
+    model = TinyMLP()
+    options = AuxNetOptions(loss="penalty", rho=RHO, aux_update_interval=0, stage_input_gradient=False)
+    data = batch()
+    got = engine_gradients(model, runtime_for(model, options), data, 2)
+    x, y = data
+    z = [x, model.aux[0](x), model.aux[1](x)]
+    u = [model.blocks[s](z[s].detach()) for s in range(STAGES)]
+    objective = F.cross_entropy(u[2], y) + sum(0.5 * RHO * (z[b] - u[b - 1]).square().mean() for b in (1, 2))
+    expected = torch.autograd.grad(objective, list(model.parameters()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    full = engine_gradients(model, runtime_for(model, AuxNetOptions(loss="penalty", rho=RHO, aux_update_interval=0)),
+                            data, 2)
+    aux_grads = len(list(model.blocks.parameters()))
+    assert any(not torch.allclose(a, b) for a, b in zip(got[aux_grads:], full[aux_grads:]))  # it differs
+
+
+def test_true_input_loss_adds_the_last_stages_loss_on_its_true_input_at_refits() -> None:
+    data = batch()
+    grads = {}
+    for flag in (False, True):
+        model = TinyMLP()
+        options = AuxNetOptions(loss="penalty", rho=RHO, aux_update_interval=2, true_input_loss=flag)
+        runtime = runtime_for(model, options)
+        grads[flag] = engine_gradients(model, runtime, data, 2)  # step 0: a refit
+        if flag:
+            x, y = data
+            with torch.no_grad():
+                h = model.blocks[1](model.blocks[0](x))
+            extra = torch.autograd.grad(F.cross_entropy(model.blocks[2](h), y), list(model.blocks[2].parameters()))
+            second = engine_gradients(model, runtime, data, 2)  # step 1: no refit, no extra term
+    last = len(list(model.blocks[:2].parameters()))
+    count = len(list(model.blocks[2].parameters()))
+    for index, (off, on) in enumerate(zip(grads[False], grads[True], strict=True)):
+        if last <= index < last + count:
+            torch.testing.assert_close(on - off, extra[index - last], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(on, off, rtol=0, atol=0)
+    reference = TinyMLP()
+    plain = runtime_for(reference, AuxNetOptions(loss="penalty", rho=RHO, aux_update_interval=2))
+    engine_gradients(reference, plain, data, 2)
+    for p, q in zip(reference.parameters(), model.parameters()):  # same weights: the test only ran gradients
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for g, e in zip(second, engine_gradients(reference, plain, data, 2), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from tests.helpers.distributed import run_distributed
 from tests.interlocking.helpers import image_batches, tiny_model
 
 OPTIONS = AuxNetOptions(
-    loss="augmented_lagrangian", rho=0.5, rho_growth=1.5, aux_update_interval=2, aux_steps=2
+    loss="augmented_lagrangian", rho=0.5, rho_growth=1.5, aux_update_interval=2, aux_steps=2, true_input_loss=True
 )
 
 
@@ -121,6 +121,8 @@ def test_bad_runtime_and_option_arguments() -> None:
         ({"aux_steps": 0}, r"aux_steps=0 must be an integer >= 1"),
         ({"aux_lr": 0}, r"aux_lr=0 must be a positive learning rate"),
         ({"oracle": "yes"}, r"oracle='yes' must be True or False"),
+        ({"stage_input_gradient": 0}, r"stage_input_gradient=0 must be True or False"),
+        ({"true_input_loss": "no"}, r"true_input_loss='no' must be True or False"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -188,11 +188,11 @@ def test_local_loss_pipeline_and_sharded_strategies_are_refused() -> None:
     check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), 1)
 
 
-def test_sampled_fisher_under_chimera_is_refused_at_setup() -> None:
+def test_fisher_output_under_chimera_is_refused_at_setup() -> None:
     from types import SimpleNamespace
 
     from lightning_parallel.strategies.chimera import ChimeraStrategy
 
     trainer = SimpleNamespace(strategy=ChimeraStrategy.__new__(ChimeraStrategy), world_size=2)
-    with pytest.raises(ValueError, match=r"`fisher='gaussian'` is not supported under ChimeraStrategy"):
-        DPKFAC(fisher="gaussian").setup(trainer, TinyNet(), "fit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`fisher_output='head'` is not supported under ChimeraStrategy"):
+        DPKFAC(fisher="gaussian", fisher_output="head").setup(trainer, TinyNet(), "fit")  # type: ignore[arg-type]

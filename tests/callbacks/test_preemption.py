@@ -1,8 +1,10 @@
-"""SIGTERM and kill -9 of real `lightning-parallel fit` runs (DDP, 2 CPU processes, DPKFAC with a sampled Fisher).
+"""SIGTERM and kill -9 of real `lightning-parallel fit` runs (2 CPU processes): DDP + DPKFAC with a sampled
+Fisher, ChimeraStrategy and InterlockingBackpropStrategy (``tests/helpers/processes.py``).
 
 SIGTERM to rank 0 (the launcher, what a scheduler signals) and to every rank: every rank exits within 30 s
 with status 143 and the checkpoint of the last completed step is written; resuming from the rank-0 run's
-checkpoint continues the uninterrupted run's losses. kill -9 of rank 1: rank 0 exits within 10 s with a message naming rank 1.
+checkpoint continues the uninterrupted run's losses. kill -9 of either rank: the other exits within 10 s with
+a message naming the dead rank.
 The unit tests check the signal flag and the dead-rank table without processes.
 """
 
@@ -21,13 +23,17 @@ import torch
 from lightning_parallel.callbacks import PreemptionCheckpoint
 from lightning_parallel.peers import PeerTable, is_communication_error
 from lightning_parallel.preemption import SignalFlag, exit_status
-from tests.helpers.processes import DDP_KFAC_CONFIG, clean_env, gone
+from tests.helpers.processes import clean_env, gone, run_config
+
+STRATEGIES = ["ddp", "chimera", "interlocking"]
 
 
-def _start(tmp: Path, name: str, *, max_steps: int, sleep_s: float, ckpt: Path | None = None) -> tuple[subprocess.Popen[str], Path]:
+def _start(
+    tmp: Path, name: str, *, max_steps: int, sleep_s: float, ckpt: Path | None = None, strategy: str = "ddp"
+) -> tuple[subprocess.Popen[str], Path]:
     marks = tmp / name
     config = tmp / f"{name}.yaml"
-    config.write_text(DDP_KFAC_CONFIG.format(max_steps=max_steps, root=tmp / f"{name}-root", marks=marks, sleep_s=sleep_s))
+    config.write_text(run_config(strategy, max_steps=max_steps, root=tmp / f"{name}-root", marks=marks, sleep_s=sleep_s))
     env = clean_env()
     args = [sys.executable, "-m", "lightning_parallel.cli", "fit", "--config", str(config)]
     if ckpt is not None:
@@ -72,10 +78,15 @@ def _cleanup(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module", params=STRATEGIES)
+def strategy(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def uninterrupted(strategy: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     tmp = tmp_path_factory.mktemp("whole")
-    proc, marks = _start(tmp, "whole", max_steps=30, sleep_s=0.0)
+    proc, marks = _start(tmp, "whole", max_steps=30, sleep_s=0.0, strategy=strategy)
     try:
         out = proc.communicate(timeout=240)[0]
     finally:
@@ -86,8 +97,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["rank0", "all"])
-def test_sigterm_checkpoints_exits_143_and_resumes(target: str, tmp_path: Path, uninterrupted: dict[int, float]) -> None:
-    proc, marks = _start(tmp_path, "run", max_steps=200, sleep_s=0.3)
+def test_sigterm_checkpoints_exits_143_and_resumes(
+    strategy: str, target: str, tmp_path: Path, uninterrupted: dict[int, float]
+) -> None:
+    proc, marks = _start(tmp_path, "run", max_steps=200, sleep_s=0.3, strategy=strategy)
     try:
         _wait_for_step(marks, 5, proc)
         pids = [int((marks / f"rank{r}.pid").read_text()) for r in (0, 1)]
@@ -112,7 +125,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(target: str, tmp_path: Path, 
         return  # the resumed trajectory is checked once, after SIGTERM to rank 0
 
     # resume to step 30 and compare with the uninterrupted run; the all-reduce is the same, so the same bits
-    resumed_proc, resumed_marks = _start(tmp_path, "resumed", max_steps=30, sleep_s=0.0, ckpt=ckpt)
+    resumed_proc, resumed_marks = _start(tmp_path, "resumed", max_steps=30, sleep_s=0.0, ckpt=ckpt, strategy=strategy)
     try:
         out = resumed_proc.communicate(timeout=240)[0]
     finally:
@@ -122,25 +135,33 @@ def test_sigterm_checkpoints_exits_143_and_resumes(target: str, tmp_path: Path, 
     assert sorted(resumed) == list(range(step + 1, 31))
     for s in range(1, step + 1):
         assert abs(before[s] - uninterrupted[s]) <= 1e-6
-    worst = max(abs(resumed[s] - uninterrupted[s]) for s in resumed)
+    # interlocking reports a step's loss one step late (0 at a run's first step): compare from the second record
+    compared = [s for s in resumed if strategy != "interlocking" or s > step + 1]
+    worst = max(abs(resumed[s] - uninterrupted[s]) for s in compared)
     assert worst <= 1e-6, f"largest loss difference after resuming {worst:.3g}"
 
 
 @pytest.mark.slow
-def test_kill_9_names_the_dead_rank(tmp_path: Path) -> None:
-    proc, marks = _start(tmp_path, "run", max_steps=200, sleep_s=0.3)
+@pytest.mark.parametrize("dead", [1, 0])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kill_9_names_the_dead_rank(strategy: str, dead: int, tmp_path: Path) -> None:
+    proc, marks = _start(tmp_path, "run", max_steps=200, sleep_s=0.3, strategy=strategy)
     try:
         _wait_for_step(marks, 3, proc)
-        victim = int((marks / "rank1.pid").read_text())
-        os.kill(victim, signal.SIGKILL)
-        start = time.monotonic()
-        out = proc.communicate(timeout=30)[0]
-        took = time.monotonic() - start
+        pids = [int((marks / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        os.kill(pids[dead], signal.SIGKILL)
+        took = _wait_all_gone(pids, proc, timeout=30.0)
+        out = proc.communicate(timeout=30)[0]  # rank 1's output comes through the launcher's pipe too
     finally:
         _cleanup(proc)
-    assert took <= 10.0, f"rank 0 took {took:.1f} s to exit"
-    assert proc.returncode != 0
-    assert "rank 0 lost its peers: rank 1 (pid" in out and "is dead" in out, out[-4000:]
+    survivor = 1 - dead
+    assert took <= 10.0, f"rank {survivor} took {took:.1f} s to exit"
+    if dead == 1:
+        assert proc.returncode == 1
+    assert f"rank {survivor} lost its peers: rank {dead} (pid {pids[dead]}" in out and "is dead" in out, out[-4000:]
+    # one error naming the rank ends the survivor's output, not gloo's "Connection closed by peer"
+    last_error = [line for line in out.splitlines() if "Error" in line or "PeerLost" in line][-1]
+    assert last_error.startswith("lightning_parallel.peers.PeerLost: "), out[-4000:]
 
 
 # ---- without processes -----------------------------------------------------------------------------------

@@ -197,11 +197,22 @@ def test_unsupported_strategy_and_neuron_pruning_under_ddp_are_refused() -> None
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lightning_parallel.strategies import ChimeraStrategy
+    from lightning_parallel.strategies import ChimeraStrategy, InterlockingBackpropStrategy
 
+    interlocking = SimpleNamespace(
+        strategy=InterlockingBackpropStrategy.__new__(InterlockingBackpropStrategy), world_size=4, callbacks=[]
+    )
+    with pytest.raises(ValueError, match=r"runs on one device, under DDP or under ChimeraStrategy; got Interlocking"):
+        SparseTraining().setup(interlocking, SparseNet(), "fit")  # type: ignore[arg-type]
     chimera = SimpleNamespace(strategy=ChimeraStrategy.__new__(ChimeraStrategy), world_size=4, callbacks=[])
-    with pytest.raises(ValueError, match=r"runs on one device or under DDP; got ChimeraStrategy"):
-        SparseTraining().setup(chimera, SparseNet(), "fit")  # type: ignore[arg-type]
+    local = ChimeraStrategy.__new__(ChimeraStrategy)
+    local.stage_local = True
+    with pytest.raises(ValueError, match=r"execution='sparse'\) is not supported under ChimeraStrategy\(stage_local"):
+        SparseTraining(execution="sparse").setup(  # type: ignore[arg-type]
+            SimpleNamespace(strategy=local, world_size=4, callbacks=[]), SparseNet(), "fit"
+        )
+    with pytest.raises(ValueError, match=r"SparseTraining\('set', execution='sparse'\) is not supported under Chimera"):
+        SparseTraining("set", execution="sparse").setup(chimera, SparseNet(), "fit")  # type: ignore[arg-type]
     ddp = SimpleNamespace(strategy=DDPStrategy(), world_size=2, callbacks=[])
     with pytest.raises(ValueError, match=r"`prune_neurons=0.2` changes layer shapes, which DDP cannot follow"):
         SparseTraining(prune_neurons=0.2).setup(ddp, SparseNet(), "fit")  # type: ignore[arg-type]

@@ -7,13 +7,16 @@ checkpoint in a fresh Trainer and model and compares the 20 losses after it with
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_parallel.callbacks import DPKFAC
@@ -92,18 +95,43 @@ def test_package_datamodules_give_resumable_training_loaders(datamodule: Any) ->
 # ---- through the Trainer ---------------------------------------------------------------------------------
 
 
+class DropoutMLP(MLPClassifier):
+    """An MLP with dropout after every hidden block and Gaussian input noise drawn in ``training_step``: both
+    draw from the global generators (torch, and NumPy for the noise scale)."""
+
+    def build_blocks(self) -> nn.Sequential:
+        blocks = super().build_blocks()
+        for block in list(blocks)[:-1]:
+            block.append(nn.Dropout(0.3))
+        return blocks
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        scale = float(np.random.uniform(0.05, 0.15)) + random.uniform(0.0, 0.01)
+        return super().training_step((x + scale * torch.randn_like(x), y), batch_idx)
+
+
 def _run(
-    tmp_path: Path, *, resume: Path | None = None, plugins: Any = None, callbacks: tuple[Any, ...] = ()
+    tmp_path: Path,
+    *,
+    resume: Path | None = None,
+    plugins: Any = None,
+    callbacks: tuple[Any, ...] = (),
+    model_class: type[MLPClassifier] = MLPClassifier,
+    strategy: Any = "auto",
+    devices: int = 1,
+    hidden: tuple[int, ...] = (32, 32),
 ) -> tuple[list[float], Path]:
     pl.seed_everything(0)
-    model = MLPClassifier(in_features=16, hidden=(32, 32), num_classes=4, lr=1e-2, optimizer="adam")
+    model = model_class(in_features=16, hidden=hidden, num_classes=4, lr=1e-2, optimizer="adam")
     data = SyntheticDataModule(shape=(16,), num_classes=4, num_samples=512, batch_size=32)  # 16 batches
     recorder = LossRecorder()
     ckpt_dir = tmp_path / ("resumed" if resume else "whole")
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=10, save_top_k=-1, save_last=False)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=devices,
+        strategy=strategy,
         max_steps=30,
         logger=False,
         enable_progress_bar=False,
@@ -118,10 +146,12 @@ def _run(
     return recorder.losses, ckpt_dir / "epoch=0-step=10.ckpt"
 
 
-def _assert_resume_exact(tmp_path: Path, make_plugins: Any = lambda: None, make_callbacks: Any = tuple) -> None:
-    whole, ckpt = _run(tmp_path, plugins=make_plugins(), callbacks=make_callbacks())
+def _assert_resume_exact(
+    tmp_path: Path, make_plugins: Any = lambda: None, make_callbacks: Any = tuple, **kwargs: Any
+) -> None:
+    whole, ckpt = _run(tmp_path, plugins=make_plugins(), callbacks=make_callbacks(), **kwargs)
     assert len(whole) == 30 and ckpt.is_file()
-    resumed, _ = _run(tmp_path, resume=ckpt, plugins=make_plugins(), callbacks=make_callbacks())
+    resumed, _ = _run(tmp_path, resume=ckpt, plugins=make_plugins(), callbacks=make_callbacks(), **kwargs)
     assert len(resumed) == 20
     worst = max(abs(a - b) for a, b in zip(resumed, whole[10:]))
     assert worst <= TOLERANCE, f"largest loss difference after resume {worst:.3g}"
@@ -129,6 +159,20 @@ def _assert_resume_exact(tmp_path: Path, make_plugins: Any = lambda: None, make_
 
 def test_plain_training_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
     _assert_resume_exact(tmp_path)
+
+
+def test_dropout_and_draws_in_training_step_resume_exactly_mid_epoch(tmp_path: Path) -> None:
+    # torch's, NumPy's and Python's global generators are in the checkpoint (Lightning saves none of them)
+    _assert_resume_exact(tmp_path, model_class=DropoutMLP)
+
+
+def test_generators_of_another_world_size_are_not_restored_with_a_warning() -> None:
+    data = TensorDataset(torch.arange(16))
+    loader = ResumableDataLoader(data, batch_size=4, sampler=EpochRandomSampler(data, seed=0))
+    state = loader.state_dict()
+    assert len(state["rng"]) == 1
+    with pytest.warns(UserWarning, match=r"random generators of 2 ranks and this run has 1; they are not restored"):
+        loader.load_state_dict({**state, "rng": state["rng"] * 2})
 
 
 def test_kbit_compression_resumes_exactly_mid_epoch(tmp_path: Path) -> None:

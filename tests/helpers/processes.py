@@ -44,6 +44,39 @@ data:
 """
 
 
+_STRATEGIES = {
+    "ddp": "ddp",
+    "chimera": (
+        "\n    class_path: lightning_parallel.strategies.ChimeraStrategy"
+        "\n    init_args: {{stages: {devices}, micro_batches: 4, timeout_s: 60}}"
+    ),
+    "interlocking": (
+        "\n    class_path: lightning_parallel.strategies.InterlockingBackpropStrategy"
+        "\n    init_args: {{stages: {devices}, micro_batches: 4, k: 1, timeout_s: 60}}"
+    ),
+    "auxnet": (
+        "\n    class_path: lightning_parallel.strategies.AuxNetStrategy"
+        "\n    init_args: {{stages: {devices}, micro_batches: 4, timeout_s: 60}}"
+    ),
+}
+
+
+def run_config(strategy: str, *, devices: int = 2, **fields: object) -> str:
+    """The config of a real run: ``DDP_KFAC_CONFIG`` for ``"ddp"``; for ``"chimera"`` / ``"interlocking"`` / ``"auxnet"`` the same
+    MLP (4 blocks) and data under that pipeline strategy, without DPKFAC. ``fields``: max_steps, root, marks,
+    sleep_s."""
+    text = DDP_KFAC_CONFIG.format(**fields).replace("devices: 2", f"devices: {devices}")
+    if strategy == "ddp":
+        return text
+    text = text.replace("strategy: ddp", "strategy:" + _STRATEGIES[strategy].format(devices=devices))
+    text = text.replace(
+        "    - class_path: lightning_parallel.callbacks.DPKFAC\n"
+        "      init_args: {fisher: categorical, factor_update_steps: 1, inv_update_steps: 5}\n",
+        "",
+    )
+    return text.replace("hidden: [32]", "hidden: [32, 32, 32]")
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without launcher or SLURM variables, the checkout on the path, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES and not k.startswith("SLURM_")}

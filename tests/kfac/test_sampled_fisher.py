@@ -70,11 +70,24 @@ def test_categorical_g_equals_per_example_reference() -> None:
     reference = _model()
     with torch.no_grad():
         probs = torch.softmax(reference(x), dim=-1)
-    sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    # inverse-CDF sampling with one uniform number per example, drawn in one call for the batch
+    uniform = torch.rand(6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sampled = torch.searchsorted(probs.cumsum(-1), uniform.unsqueeze(-1)).squeeze(1).clamp_max(2)
     grad_out = probs - F.one_hot(sampled, 3).double()  # d CE(out_i, sampled_i) / d out_i
     expected = _per_example_g(reference, x, grad_out)
     for layer, g in zip(kfac.layers, expected):
         torch.testing.assert_close(layer.g_factor, g, rtol=1e-10, atol=1e-12)
+
+
+def test_categorical_samples_follow_the_softmax() -> None:
+    """The sampled classes' frequencies match ``softmax(output)`` (a chi-square-sized tolerance)."""
+    from lightning_parallel.kfac.fisher import sampled_output_grad
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]]).expand(200_000, 4)
+    grad = sampled_output_grad(logits, "categorical", torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits[0], dim=-1)
+    frequencies = (probs - grad).mean(0)  # the one-hot of each sample, averaged
+    torch.testing.assert_close(frequencies, probs, rtol=0, atol=5e-3)
 
 
 def test_callable_fisher_equals_the_builtin_gaussian() -> None:
@@ -182,6 +195,23 @@ def test_fisher_output_naming_no_module_is_refused() -> None:
         KFACPreconditioner(_model(), KFACOptions(fisher="gaussian", fisher_output="head"))
 
 
-def test_sampled_fisher_under_a_pipeline_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`fisher='categorical'` is not supported under a pipeline"):
-        PipelineKFACPreconditioner({(0, 0): _model()}, KFACOptions(fisher="categorical"))
+def test_fisher_output_under_a_pipeline_is_refused() -> None:
+    """Under a pipeline the sampled Fisher's prediction is the last stage's output: no ``fisher_output``."""
+    with pytest.raises(ValueError, match=r"`fisher_output='head'` is not supported under a pipeline"):
+        PipelineKFACPreconditioner({(0, 0): _model()}, KFACOptions(fisher="categorical", fisher_output="head"))
+    kfac = PipelineKFACPreconditioner({(0, 0): _model()}, KFACOptions(fisher="categorical"))
+    assert kfac.sampled_pass is not None  # the pass rides the schedule: no forward hook on a prediction
+    assert kfac._output_module is None
+
+
+def test_pipeline_rules_live_in_one_function() -> None:
+    """``check_pipeline_options`` is the one place of the pipeline refusals (DPKFAC calls it at setup,
+    the preconditioner when built): ``fisher_output`` with a sampled Fisher, and ``dp`` over several pipeline replicas."""
+    from lightning_parallel.kfac.pipeline import check_pipeline_options
+
+    with pytest.raises(ValueError, match=r"`fisher_output='x'` is not supported under ChimeraStrategy"):
+        check_pipeline_options(KFACOptions(fisher="gaussian", fisher_output="x"), "ChimeraStrategy")
+    check_pipeline_options(KFACOptions(fisher="gaussian"), "ChimeraStrategy")  # the sampled Fisher runs
+    with pytest.raises(ValueError, match=r"`assignment='dp'` with 2 data-parallel pipeline replicas"):
+        check_pipeline_options(KFACOptions(), "ChimeraStrategy", data_parallel_size=2)
+    check_pipeline_options(KFACOptions(assignment="replicated"), "ChimeraStrategy", data_parallel_size=2)
