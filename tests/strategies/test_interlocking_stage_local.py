@@ -198,6 +198,8 @@ def test_stage_local_arguments_are_checked(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="AuxNetStrategy does not support stage_local=True"):
         AuxNetStrategy(stages=2, stage_local=True)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=True needs stage_local=True"):
+        AuxNetStrategy(stages=2, save_distributed_checkpoint=True)
     with pytest.raises(ValueError, match="save_distributed_checkpoint=False cannot write"):
         _strategy(stage_local=True, save_distributed_checkpoint=False)
     with pytest.raises(ValueError, match="save_distributed_checkpoint=True needs stage_local=True"):
