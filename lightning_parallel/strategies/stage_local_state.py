@@ -38,6 +38,7 @@ from lightning_parallel.pipeline.stage_checkpoint import (
     optimizer_layout,
     optimizer_state_by_name,
     parameter_names,
+    read_meta,
     save_sharded,
 )
 from lightning_parallel.pipeline.stage_local import (
@@ -126,7 +127,21 @@ class StageLocalState:
         for index, optimizer in enumerate(optimizers):
             entries.update(optimizer_state_by_name(optimizer, self.param_names, index))
         rest = {k: v for k, v in checkpoint.items() if k not in _SKIPPED}
-        save_sharded(path, entries, {"checkpoint": rest, "optimizers": self.layouts, "aliases": self.aliases, **meta})
+        save_sharded(path, entries, {"checkpoint": rest, "optimizers": self.current_layouts(optimizers), "aliases": self.aliases, **meta})
+
+    def current_layouts(self, optimizers: Sequence[Optimizer]) -> list[list[dict[str, Any]]]:
+        """The recorded layouts with each param group's settings as they are now (a scheduler's ``lr``, ...).
+
+        The optimizers keep their param groups when they are cut down to the held stages, so group ``i`` of
+        the layout is group ``i`` of the optimizer on every rank.
+        """
+        return [
+            [
+                {**layout, **{k: v for k, v in group.items() if k != "params"}}
+                for layout, group in zip(optimizer_layouts, optimizer.param_groups)
+            ]
+            for optimizer_layouts, optimizer in zip(self.layouts, optimizers)
+        ]
 
     def load_model(self, path: str | Path, device: torch.device) -> None:
         """Copy this rank's tensors from the sharded checkpoint at ``path`` (collective)."""
@@ -141,6 +156,11 @@ class StageLocalState:
             names = [self.param_names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             entries = load_sharded(path, optimizer_keys(path, index, names))
             load_optimizer_state_by_name(optimizer, self.param_names, entries, index)
+        # The param groups' settings as saved (a scheduler may have changed ``lr``); every rank has them all.
+        layouts = read_meta(path).get("optimizers", [])
+        for optimizer, layout in zip(optimizers, layouts):
+            for group, saved in zip(optimizer.param_groups, layout):
+                group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
 
 
 def _first_names(module: nn.Module) -> dict[int, str]:

@@ -127,3 +127,38 @@ def test_sharded_checkpoint_reshards_to_another_schedule_and_stage_count(tmp_pat
 def test_four_stage_chimera_checkpoint_resumes_with_two_stages_and_with_1f1b(tmp_path: Any, reference: Any) -> None:
     ranks = run_distributed(_world4, 4, str(tmp_path), timeout=900.0)
     _check(ranks, reference, ["chimera-D2x2", "1f1b-D4"])
+
+
+def _world_scheduled(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    """A cosine learning-rate schedule across a sharded resume: the saved ``lr`` must come back."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (BATCH * EPOCH, 8), generator=g)
+    data = DataLoader(TensorDataset(idx, idx.roll(-1, dims=1)), batch_size=BATCH)
+    out: dict[str, Any] = {}
+    for run in ("uninterrupted", "resumed"):
+        recorder = LossRecorder()
+        callbacks: list[Any] = [recorder]
+        if run == "uninterrupted":
+            callbacks.append(ModelCheckpoint(dirpath=os.path.join(tmp, "ckpts"), save_top_k=-1, every_n_epochs=1))
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=world_size, strategy=ChimeraStrategy(2, schedule="1f1b"), max_epochs=EPOCHS,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            callbacks=callbacks, enable_checkpointing=run == "uninterrupted",
+        )
+        module = GPTLanguageModel(**GPT, scheduler="cosine", build_in_configure_model=True)
+        ckpt = os.path.join(tmp, "ckpts", f"epoch=0-step={EPOCH}.ckpt") if run == "resumed" else None
+        trainer.fit(module, data, ckpt_path=ckpt)
+        assert trainer.strategy.stage_local is True  # type: ignore[attr-defined]
+        out[run] = {"losses": recorder.losses, "lr": [group["lr"] for group in trainer.optimizers[0].param_groups]}
+    return out
+
+
+def test_sharded_resume_restores_the_learning_rate_schedule(tmp_path: Any) -> None:
+    # Fails when the param groups' settings are not restored: the chainable cosine restarts from the initial lr.
+    for rank_out in run_distributed(_world_scheduled, 2, str(tmp_path), timeout=600.0):
+        _close(rank_out["resumed"]["losses"], rank_out["uninterrupted"]["losses"][EPOCH:], tol=1e-6)
+        assert rank_out["resumed"]["lr"] == pytest.approx(rank_out["uninterrupted"]["lr"], rel=1e-9)
