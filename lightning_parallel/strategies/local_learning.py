@@ -22,14 +22,13 @@ Subclasses set ``self.runtime`` (anything with ``finish()``), ``self._held_modul
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -165,29 +164,6 @@ class LocalLearningStrategy(PipelineStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ setup and evaluation
-    @staticmethod
-    def _sample_batch(trainer: pl.Trainer) -> Any:
-        """One batch of the data the run starts with (to size heads or auxiliary networks), RNG untouched."""
-        loops: dict[Any, Any] = {
-            TrainerFn.FITTING: trainer.fit_loop,
-            TrainerFn.VALIDATING: trainer.validate_loop,
-            TrainerFn.TESTING: trainer.test_loop,
-        }
-        loop = loops.get(trainer.state.fn)
-        try:
-            loaders = loop._data_source.dataloader()  # type: ignore[union-attr]
-            if isinstance(loaders, Mapping):
-                loaders = next(iter(loaders.values()))
-            if isinstance(loaders, Sequence):
-                loaders = loaders[0]
-            with torch.random.fork_rng(devices=[]):
-                return next(iter(loaders))
-        except Exception as error:
-            raise RuntimeError(
-                f"{trainer.strategy.__class__.__name__} needs one batch of the run's dataloader during setup to "
-                f"build its stages' auxiliary modules, and could not get it ({type(error).__name__}: {error}). Pass "
-                "the data to trainer.fit/validate/test as a DataLoader or a LightningDataModule."
-            ) from error
 
     def _metrics_fn(self) -> Callable[[Tensor, Any], Mapping[str, Tensor]]:
         """The module's ``pipeline_metrics``, else its loss alone as ``{"loss": ...}``."""

@@ -415,6 +415,31 @@ class PipelineStrategy(DDPStrategy):
         self._check_stage_local(meta_built, self._requested_sharded)
         if self._requested_sharded is None:
             self.save_distributed_checkpoint = meta_built
+    @staticmethod
+    def _sample_batch(trainer: pl.Trainer) -> Any:
+        """One batch of the data the run starts with (to trace a module or size heads and auxiliary networks), RNG
+        untouched."""
+        loops: dict[Any, Any] = {
+            TrainerFn.FITTING: trainer.fit_loop,
+            TrainerFn.VALIDATING: trainer.validate_loop,
+            TrainerFn.TESTING: trainer.test_loop,
+        }
+        loop = loops.get(trainer.state.fn)
+        try:
+            loaders = loop._data_source.dataloader()  # type: ignore[union-attr]
+            if isinstance(loaders, Mapping):
+                loaders = next(iter(loaders.values()))
+            if isinstance(loaders, Sequence):
+                loaders = loaders[0]
+            with torch.random.fork_rng(devices=[]):
+                return next(iter(loaders))
+        except Exception as error:
+            raise RuntimeError(
+                f"{trainer.strategy.__class__.__name__} needs one batch of the run's dataloader during setup to "
+                f"build its stages' auxiliary modules, and could not get it ({type(error).__name__}: {error}). Pass "
+                "the data to trainer.fit/validate/test as a DataLoader or a LightningDataModule."
+            ) from error
+
     def _install_adapter(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Give ``module`` the pipeline protocol through an adapter when it lacks the hooks (or was given one)."""
         adapter = resolve_adapter(
@@ -423,9 +448,7 @@ class PipelineStrategy(DDPStrategy):
         )
         if adapter is None:
             return
-        from lightning_parallel.strategies.local_learning import LocalLearningStrategy
-
-        install_adapter(module, adapter, sample_batch=lambda: LocalLearningStrategy._sample_batch(trainer))
+        install_adapter(module, adapter, sample_batch=lambda: self._sample_batch(trainer))
         rank_zero_info(
             f"{type(self).__name__}: {adapter.describe()} supplies the pipeline protocol of {type(module).__name__}."
         )

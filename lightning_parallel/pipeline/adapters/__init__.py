@@ -146,11 +146,11 @@ def resolve_adapter(
         from lightning_parallel.pipeline.adapters.trunk import SequentialTrunkAdapter
 
         return SequentialTrunkAdapter(blocks, pre=pre, post=post, loss=loss or "cross_entropy")
-    if adapted_by(module) is None and not missing_pipeline_hooks(module):
-        return None
     previous = adapted_by(module)
     if previous is not None:
         return previous  # set up before (fit, then test): the same adapter again
+    if not missing_pipeline_hooks(module):
+        return None
     attribute = find_hf_model(module)
     if attribute is not None:
         return adapter_by_name(f"hf:{attribute}")
